@@ -1,0 +1,23 @@
+"""TAPS: Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022) for any timm backbone.
+
+The core is plain PyTorch: use it in any training loop. ``taps_lightning.module`` holds
+the LightningModule and is imported only on demand.
+"""
+from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task
+from .factory import create_backbone, create_taps_model
+from .gate import gated_weight, hard_gate
+from .inject import inject_taps, strip_classifier
+from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
+from .model import TapsModel
+from .norms import TaskNorm
+from .stats import count_params, gate_states, layer_scores, sparsity_loss, total_params_multiple
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TapsModel", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
+    "create_taps_model", "create_backbone", "create_taps_layer", "inject_taps", "strip_classifier",
+    "gated_weight", "hard_gate",
+    "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",
+    "save_task", "load_task", "merge", "layout_signature", "base_fingerprint", "TaskFileError",
+]

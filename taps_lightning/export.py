@@ -1,0 +1,179 @@
+"""Store a task in a few percent of a model, load it back, and fold it into a plain model.
+
+A task file (``.safetensors``, no pickle) holds only what the task adds to the shared base:
+the deltas of its *active* layers, all its scores (one scalar per layer), its norms and its
+head, plus metadata that ties it to the base it was trained on.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import set_submodule
+
+from .model import TapsModel
+
+from .stats import gate_states
+
+__all__ = ["save_task", "load_task", "merge", "layout_signature", "base_fingerprint", "TaskFileError"]
+
+FORMAT = "taps-task/1"
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be loaded into this model; the message says why and what to do."""
+
+
+def layout_signature(model: TapsModel) -> str:
+    """Hash of the gated layers' and norms' names and shapes: equal iff the backbones match."""
+    h = hashlib.sha256()
+    for name, layer in sorted(model.taps_layers()):
+        h.update(f"{name}:{tuple(layer.base_layer.weight.shape)};".encode())
+    for name, norm in model.task_norms():
+        shapes = [tuple(t.shape) for t in norm.base_norm.state_dict().values()]
+        h.update(f"{name}:{shapes};".encode())
+    return h.hexdigest()[:16]
+
+
+def base_fingerprint(model: TapsModel) -> str:
+    """Hash of the shared weights' values: a task file only makes sense on the base it was trained with."""
+    h = hashlib.sha256()
+    for p in model.shared_parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
+    """Write ``task``'s active deltas, scores, norms and head to ``path`` (.safetensors)."""
+    model._check_task(task)
+    gates = gate_states(model, task)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in model.taps_layers():
+        tensors[f"score.{name}"] = layer.taps_score[task].detach().reshape(1)
+        if gates[name]:
+            tensors[f"delta.{name}"] = layer.taps_delta[task].detach()
+    for name, norm in model.task_norms():
+        for key, value in norm.norms[task].state_dict().items():
+            tensors[f"norm.{name}.{key}"] = value.detach()
+    for key, value in model.heads[task].state_dict().items():
+        tensors[f"head.{key}"] = value.detach()
+    metadata = {
+        "format": FORMAT,
+        "task": task,
+        "backbone": model.backbone_name,
+        "threshold": repr(model.threshold),
+        "num_classes": str(model.heads[task].out_features),
+        "gated_layers": str(len(gates)),
+        "active_layers": str(sum(gates.values())),
+        "layout_signature": layout_signature(model),
+        "base_fingerprint": base_fingerprint(model),
+        "layer_order": json.dumps(model.layer_order()),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file; save one with taps_lightning.save_task(model, task, path)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
+    if metadata.get("format") != FORMAT:
+        raise TaskFileError(
+            f"{path}: not a TAPS task file (format {metadata.get('format')!r}, expected {FORMAT!r}); "
+            "export tasks with taps_lightning.save_task"
+        )
+    return tensors, metadata
+
+
+def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None, strict_base: bool = True) -> str:
+    """Add (or replace) the task stored in ``path``; returns its name.
+
+    Args:
+        model: a ``TapsModel`` on the same backbone the file was made with.
+        path: a file written by :func:`save_task`.
+        task: name to load it under (default: the name stored in the file).
+        strict_base: refuse a file trained on other shared weights (e.g. a joint-mode task
+            loaded onto the pre-trained base). ``False`` loads it anyway.
+    """
+    path = Path(path)
+    tensors, meta = _read(path)
+    if meta["layout_signature"] != layout_signature(model):
+        raise TaskFileError(
+            f"{path}: made for backbone {meta['backbone']!r} (layout {meta['layout_signature']}), "
+            f"but this model is {model.backbone_name!r} (layout {layout_signature(model)}); "
+            f"create the model from {meta['backbone']!r} to load it"
+        )
+    if strict_base and meta["base_fingerprint"] != base_fingerprint(model):
+        raise TaskFileError(
+            f"{path}: trained on different shared weights than this model's (base fingerprint "
+            f"{meta['base_fingerprint']} vs {base_fingerprint(model)}); load the same pre-trained or jointly "
+            "trained base first (e.g. from its checkpoint), or pass strict_base=False"
+        )
+    if float(meta["threshold"]) != model.threshold:
+        raise TaskFileError(f"{path}: saved with threshold {meta['threshold']}, this model uses {model.threshold}")
+    task = task or meta["task"]
+    if task in model.tasks:
+        model.remove_task(task)
+    model.add_task(task, int(meta["num_classes"]))
+    try:
+        with torch.no_grad():
+            for name, layer in model.taps_layers():
+                score = tensors[f"score.{name}"]
+                layer.taps_score[task].copy_(score.reshape(()))
+                if f"delta.{name}" in tensors:
+                    layer.taps_delta[task].copy_(tensors[f"delta.{name}"])
+                elif bool(score.item() >= model.threshold):
+                    raise KeyError(f"delta.{name}")
+            for name, norm in model.task_norms():
+                prefix = f"norm.{name}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                norm.norms[task].load_state_dict(state)
+            model.heads[task].load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    except (KeyError, RuntimeError) as err:
+        model.remove_task(task)
+        raise TaskFileError(f"{path}: incomplete or inconsistent task file ({err}); re-export it with save_task") from err
+    return task
+
+
+def merge(model: TapsModel, task: str) -> nn.Module:
+    """A plain copy of the backbone for ``task``: ``w_base + I*delta`` folded into each layer,
+    the task's norms in place of the wrappers and its head as the classifier. No TAPS code
+    remains in its forward; ``model`` is not modified."""
+    model._check_task(task)
+    gates = gate_states(model, task)
+    memo: dict[int, object] = {}
+    for name, layer in model.taps_layers():
+        plain = copy.deepcopy(layer.base_layer)
+        with torch.no_grad():
+            if gates[name]:
+                plain.weight.add_(layer.taps_delta[task].detach().to(plain.weight.dtype))
+        memo[id(layer)] = plain
+    for _, norm in model.task_norms():
+        memo[id(norm)] = copy.deepcopy(norm.norms[task])
+    merged = copy.deepcopy(model.backbone, memo)
+    head = copy.deepcopy(model.heads[task])
+    if model.head_path is None:
+        merged = nn.Sequential(merged, head)
+    else:
+        set_submodule(merged, model.head_path, head)
+    merged.requires_grad_(True)
+    return merged.train(model.training)
+
+

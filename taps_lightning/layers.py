@@ -1,0 +1,166 @@
+"""Task-adaptive wrapper layers (one per wrapped layer kind, as PEFT's tuner layers).
+
+Why wrappers and not ``torch.nn.utils.parametrize``: parametrize renames state-dict keys
+in a way that depends on registration, has open issues with ``torch.compile`` and DDP, and
+recomputes the parametrization on every ``.weight`` access with no hook to skip it for
+inactive layers. A small wrapper builds the gated weight exactly once per forward, calls
+the wrapped layer's own conv/linear with it (never ``base(x) + conv(x, delta)``, which
+would double the FLOPs), caches the merged weight for inference, and exposes ``.weight``
+as the gated weight so blocks that read ``module.weight`` directly still see TAPS.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gate import gated_weight
+
+__all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer"]
+
+
+class TapsLayer(nn.Module):
+    """Shared ``base_layer`` plus, per task, a weight delta and a scalar score.
+
+    ``w = base.weight + I(score >= threshold) * delta[task]`` for the active task; with no
+    active task the layer is exactly the wrapped base layer.
+
+    Args:
+        base_layer: the layer to adapt (its ``weight`` is the shared base weight).
+        threshold: ``tau`` of the paper.
+        score_init: initial score of a new task (``>= threshold`` starts the layer active).
+    """
+
+    def __init__(self, base_layer: nn.Module, threshold: float = 0.1, score_init: float = 0.15) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.threshold = float(threshold)
+        self.score_init = float(score_init)
+        self.taps_delta = nn.ParameterDict()
+        self.taps_score = nn.ParameterDict()
+        self.active_task: str | None = None
+        self._merged_cache: dict[str, tuple[tuple, Tensor]] = {}
+
+    # -- task bookkeeping ------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.taps_score.keys())
+
+    def add_task(self, task: str) -> None:
+        """Create a zero delta and a score of ``score_init`` for ``task``."""
+        weight = self.base_layer.weight
+        self.taps_delta[task] = nn.Parameter(torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        self.taps_score[task] = nn.Parameter(torch.tensor(self.score_init, device=weight.device, dtype=torch.float32))
+
+    def remove_task(self, task: str) -> None:
+        del self.taps_delta[task]
+        del self.taps_score[task]
+        self._merged_cache.pop(task, None)
+        if self.active_task == task:
+            self.active_task = None
+
+    def is_active(self, task: str) -> bool:
+        """Whether ``task`` uses its own weights here (``score >= threshold``); syncs with the device."""
+        return bool(self.taps_score[task].detach() >= self.threshold)
+
+    def get_delta_weight(self, task: str) -> Tensor:
+        """``I(s >= tau) * delta`` for ``task``, detached (what merging adds to the base)."""
+        delta = self.taps_delta[task].detach()
+        return delta if self.is_active(task) else torch.zeros_like(delta)
+
+    # -- the gated weight --------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The weight the active task sees (blocks that read ``.weight`` directly get TAPS)."""
+        return self._gated_weight()
+
+    def _gated_weight(self) -> Tensor:
+        base = self.base_layer.weight
+        task = self.active_task
+        if task is None:
+            return base
+        delta, score = self.taps_delta[task], self.taps_score[task]
+        if self.training or torch.is_grad_enabled():
+            return gated_weight(base, delta, score, self.threshold)
+        # Inference: build the merged weight once and reuse it until a tensor changes in place.
+        key = (self.threshold, base._version, delta._version, score._version,
+               base.data_ptr(), delta.data_ptr(), score.data_ptr(), base.dtype, delta.dtype)
+        cached = self._merged_cache.get(task)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        merged = base + delta if self.is_active(task) else base
+        self._merged_cache[task] = (key, merged)
+        return merged
+
+    def clear_cache(self) -> None:
+        self._merged_cache.clear()
+
+    def train(self, mode: bool = True) -> "TapsLayer":
+        # The inference cache holds a weight copy per task; never keep it while training.
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() invalidate cached weights
+        self.clear_cache()
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_with_weight(x, self._gated_weight())
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __getattr__(self, name: str):
+        # Attributes such as ``in_features`` or ``stride`` come from the wrapped layer.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}, tasks={self.tasks}, active_task={self.active_task}"
+
+
+class TapsConv(TapsLayer):
+    """``nn.Conv1d/2d/3d``: the layer's own ``_conv_forward`` with the gated weight."""
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+
+class TapsLinear(TapsLayer):
+    """``nn.Linear``: ``F.linear`` with the gated weight."""
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+
+class TapsGeneric(TapsLayer):
+    """Subclasses with their own ``forward`` (e.g. timm ``StdConv2d``, ``Conv2dSame``):
+    run that forward with ``weight`` swapped for the gated one."""
+
+    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
+        return torch.func.functional_call(self.base_layer, {"weight": weight}, (x,), strict=False)
+
+
+_FAST_PATHS: dict[type, type[TapsLayer]] = {
+    nn.Conv1d: TapsConv,
+    nn.Conv2d: TapsConv,
+    nn.Conv3d: TapsConv,
+    nn.Linear: TapsLinear,
+}
+
+#: Module types that TAPS gates; subclasses are gated through :class:`TapsGeneric`.
+GATED_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def create_taps_layer(module: nn.Module, threshold: float, score_init: float) -> TapsLayer:
+    """Wrap ``module`` with the fastest wrapper that is exact for its type."""
+    cls: type[TapsLayer] = _FAST_PATHS.get(type(module), TapsGeneric)
+    if cls is TapsGeneric and not isinstance(module, GATED_TYPES):
+        raise TypeError(f"cannot gate {type(module).__name__}: TAPS gates {', '.join(t.__name__ for t in GATED_TYPES)}")
+    return cls(module, threshold=threshold, score_init=score_init)

@@ -1,0 +1,62 @@
+"""Task-specific normalisation: one copy of a norm layer per task (as PEFT's ``ln_tuning``).
+
+The paper trains BatchNorm per task in every variant; LayerNorm/GroupNorm get the same
+treatment so that transformers and ConvNeXt are handled alike. The pre-trained norm is kept
+as ``base_norm``: it is the initial value of every new task's copy and what runs when no
+task is active.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import Tensor, nn
+
+__all__ = ["TaskNorm", "NORM_TYPES"]
+
+#: Norm types that get a copy per task (subclasses such as timm's ``BatchNormAct2d`` and
+#: ``LayerNorm2d`` included).
+NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+class TaskNorm(nn.Module):
+    """Holds ``base_norm`` (frozen template) and ``norms[task]`` (trained copies)."""
+
+    def __init__(self, base_norm: nn.Module) -> None:
+        super().__init__()
+        self.base_norm = base_norm
+        self.norms = nn.ModuleDict()
+        self.active_task: str | None = None
+        base_norm.requires_grad_(False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.norms.keys())
+
+    def add_task(self, task: str) -> None:
+        norm = copy.deepcopy(self.base_norm)
+        norm.requires_grad_(True)
+        norm.train(self.training)
+        self.norms[task] = norm
+
+    def remove_task(self, task: str) -> None:
+        del self.norms[task]
+        if self.active_task == task:
+            self.active_task = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.active_task is None:
+            return self.base_norm(x)
+        return self.norms[self.active_task](x)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_norm", "norms"):
+                raise
+            modules = self._modules
+            norm = modules["norms"][self.active_task] if self.active_task is not None else modules["base_norm"]
+            return getattr(norm, name)
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.tasks}, active_task={self.active_task}"

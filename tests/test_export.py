@@ -1,0 +1,104 @@
+"""save_task / load_task / merge on small and on every supported architecture."""
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+import taps_lightning as tl
+from helpers import randomize_tasks, tiny_resnet
+from taps_lightning.layers import TapsLayer
+from taps_lightning.norms import TaskNorm
+
+OFF = ("layer1.0.conv1", "layer3.0.downsample.0", "layer4.1.conv2")
+
+
+def test_merge_matches_gated_model_and_is_plain():
+    model = tiny_resnet({"a": 4, "b": 6}).eval()
+    randomize_tasks(model, off=OFF)
+    merged = tl.merge(model, "b").eval()
+    assert type(merged) is type(model.backbone)
+    assert not any(isinstance(m, (TapsLayer, TaskNorm, tl.TapsModel)) for m in merged.modules())
+    assert merged.fc.out_features == 6
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        model.set_task("b")
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+    # folding is the sum of the tensors, checked on one active and one inactive layer
+    layer = model.backbone.layer1[0].conv2
+    torch.testing.assert_close(merged.layer1[0].conv2.weight, layer.base_layer.weight + layer.taps_delta["b"])
+    torch.testing.assert_close(merged.layer1[0].conv1.weight, model.backbone.layer1[0].conv1.base_layer.weight)
+
+
+def test_save_load_roundtrip_and_file_contents(tmp_path):
+    model = tiny_resnet({"a": 4, "b": 6}).eval()
+    randomize_tasks(model, off=OFF)
+    path = tl.save_task(model, "b", tmp_path / "b.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    deltas = {k[len("delta."):] for k in keys if k.startswith("delta.")}
+    assert deltas == set(model.gated_names) - set(OFF)  # no inactive delta stored
+    assert meta["backbone"] == "resnet18" and meta["num_classes"] == "6" and float(meta["threshold"]) == 0.1
+
+    fresh = tiny_resnet({"a": 4}).eval()  # same seed: same shared base
+    assert tl.load_task(fresh, path) == "b"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.set_task("b"); fresh.set_task("b")
+        torch.testing.assert_close(fresh(x), model(x))
+    assert tl.gate_states(fresh, "b") == tl.gate_states(model, "b")
+    # loading again replaces the task
+    tl.load_task(fresh, path)
+    assert fresh.tasks == ["a", "b"]
+
+
+def test_load_rejects_bad_files(tmp_path):
+    model = tiny_resnet({"a": 4})
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        tl.load_task(model, tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(tl.TaskFileError, match="junk.safetensors.*not a readable"):
+        tl.load_task(model, junk)
+
+    other = tl.TapsModel(timm.create_model("resnet34", num_classes=0), {"a": 4})
+    path = tl.save_task(other, "a", tmp_path / "r34.safetensors")
+    with pytest.raises(tl.TaskFileError, match="r34.safetensors: made for backbone 'resnet34'.*this model is 'resnet18'"):
+        tl.load_task(model, path)
+
+    torch.manual_seed(123)  # same architecture, other shared weights (as after joint training)
+    other_base = tl.TapsModel(timm.create_model("resnet18", num_classes=0), {"a": 4})
+    path = tl.save_task(other_base, "a", tmp_path / "joint.safetensors")
+    with pytest.raises(tl.TaskFileError, match="different shared weights"):
+        tl.load_task(model, path, task="c")
+    assert "c" not in model.tasks
+    tl.load_task(model, path, task="c", strict_base=False)
+    assert "c" in model.tasks
+
+
+@pytest.mark.parametrize(
+    "arch,size",
+    [("resnet18", 32), ("resnet50", 32), ("densenet121", 32), ("vit_small_patch16_224", 224), ("convnext_atto", 32)],
+)
+def test_api_on_architectures(arch, size, tmp_path):
+    torch.manual_seed(0)
+    model = tl.TapsModel(timm.create_model(arch, pretrained=False, num_classes=0), {"flowers": 5, "cars": 3})
+    model.add_task("sketch", 4)
+    model.remove_task("flowers")
+    randomize_tasks(model, scale=0.01, off=tuple(model.gated_names[::3]))
+    model.eval().set_task("cars")
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(tl.merge(model, "cars").eval()(x), y, atol=1e-4, rtol=1e-4)
+    path = tl.save_task(model, "cars", tmp_path / "cars.safetensors")
+    torch.manual_seed(0)
+    fresh = tl.TapsModel(timm.create_model(arch, pretrained=False, num_classes=0))
+    tl.load_task(fresh, path)
+    fresh.eval().set_task("cars")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), y)
+    counts = tl.count_params(model, "cars")
+    assert 0 < counts["active_layers"] < counts["gated_layers"] == len(model.gated_names)
+    if arch.startswith("vit"):
+        kinds = {n.rsplit(".", 1)[-1] for n in model.gated_names}
+        assert {"qkv", "proj", "fc1", "fc2"} <= kinds

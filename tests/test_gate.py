@@ -1,0 +1,142 @@
+"""The gated weight against explicit arithmetic: forward values and straight-through gradients."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import nn
+
+import taps_lightning as tl
+
+TAU = 0.1
+
+
+def _wrapped_conv(score: float):
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = tl.create_taps_layer(conv, threshold=TAU, score_init=0.15)
+    layer.add_task("t")
+    layer.active_task = "t"
+    with torch.no_grad():
+        layer.taps_delta["t"].normal_()
+        layer.taps_score["t"].fill_(score)
+    return layer
+
+
+@pytest.mark.parametrize("score,on", [(0.15, True), (0.1, True), (0.05, False), (-0.3, False)])
+def test_conv_forward_matches_explicit_weight(score, on):
+    layer = _wrapped_conv(score)
+    x = torch.randn(2, 3, 8, 8)
+    base, delta = layer.base_layer.weight.detach(), layer.taps_delta["t"].detach()
+    expected = F.conv2d(x, base + delta if on else base, padding=1)
+    torch.testing.assert_close(layer(x), expected)
+    layer.eval()
+    with torch.no_grad():  # the inference path (cached merged weight) too
+        torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_linear_forward_matches_explicit_weight(on):
+    lin = nn.Linear(6, 4)
+    layer = tl.create_taps_layer(lin, TAU, 0.15)
+    layer.add_task("t")
+    layer.active_task = "t"
+    with torch.no_grad():
+        layer.taps_delta["t"].normal_()
+        layer.taps_score["t"].fill_(0.5 if on else 0.0)
+    x = torch.randn(5, 6)
+    w = lin.weight.detach() + (layer.taps_delta["t"].detach() if on else 0)
+    torch.testing.assert_close(layer(x), F.linear(x, w, lin.bias.detach()))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_ste_gradients_match_explicit_leaf(on):
+    layer = _wrapped_conv(0.3 if on else 0.02)
+    x = torch.randn(2, 3, 8, 8)
+    target = torch.randn(2, 4, 8, 8)
+    (layer(x) - target).pow(2).sum().backward()
+
+    gate = 1.0 if on else 0.0
+    w = (layer.base_layer.weight.detach() + gate * layer.taps_delta["t"].detach()).requires_grad_(True)
+    (F.conv2d(x, w, padding=1) - target).pow(2).sum().backward()
+    expected_score_grad = (w.grad * layer.taps_delta["t"].detach()).sum()
+
+    torch.testing.assert_close(layer.taps_score["t"].grad, expected_score_grad)
+    torch.testing.assert_close(layer.taps_delta["t"].grad, gate * w.grad)
+    assert layer.taps_score["t"].grad.abs() > 0  # an inactive layer still gets a score gradient: it can come back
+    assert layer.base_layer.weight.grad is not None  # trainable base (joint mode) receives dL/dw
+
+
+def test_frozen_base_gets_no_gradient():
+    layer = _wrapped_conv(0.3)
+    layer.base_layer.weight.requires_grad_(False)
+    layer(torch.randn(1, 3, 4, 4)).sum().backward()
+    assert layer.base_layer.weight.grad is None
+    assert layer.taps_delta["t"].grad is not None
+
+
+def test_attention_block_matches_explicit_weights():
+    torch.manual_seed(1)
+    attn = Attention(dim=16, num_heads=2, qkv_bias=True)
+    reference = copy.deepcopy(attn)
+    names, _ = tl.inject_taps(attn, threshold=TAU, score_init=0.15)
+    assert set(names) == {"qkv", "proj"}
+    deltas = {}
+    for name in names:
+        layer = attn.get_submodule(name)
+        layer.add_task("t")
+        layer.active_task = "t"
+        with torch.no_grad():
+            layer.taps_delta["t"].normal_(0, 0.1)
+        deltas[name] = layer.taps_delta["t"].detach()
+    with torch.no_grad():
+        attn.proj.taps_score["t"].fill_(0.0)  # proj inactive: stays the base weight
+        reference.qkv.weight.add_(deltas["qkv"])
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(attn(x), reference(x))
+
+
+def test_scores_stay_fp32_and_gate_holds_under_bf16_autocast():
+    layer = _wrapped_conv(0.3)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.taps_score["t"].dtype == torch.float32
+    assert layer.taps_score["t"].grad.dtype == torch.float32
+    expected = F.conv2d(x, layer.base_layer.weight + layer.taps_delta["t"], padding=1)
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_generic_subclass_keeps_its_own_forward():
+    from timm.layers import StdConv2d
+
+    conv = StdConv2d(3, 4, 3, padding=1)
+    layer = tl.create_taps_layer(conv, TAU, 0.15)
+    assert isinstance(layer, tl.TapsGeneric)
+    layer.add_task("t")
+    layer.active_task = "t"
+    with torch.no_grad():
+        layer.taps_delta["t"].normal_()
+    x = torch.randn(1, 3, 6, 6)
+    reference = copy.deepcopy(conv)
+    with torch.no_grad():
+        reference.weight.add_(layer.taps_delta["t"])
+    torch.testing.assert_close(layer(x), reference(x))  # weight standardisation still applied
+
+
+def test_inference_cache_follows_in_place_updates():
+    layer = _wrapped_conv(0.3)
+    layer.eval()
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        first = layer(x)
+        layer.taps_delta["t"].mul_(2)  # an optimizer-style in-place update
+        second = layer(x)
+        layer.taps_score["t"].fill_(0.0)  # switched off
+        third = layer(x)
+    base = layer.base_layer.weight.detach()
+    torch.testing.assert_close(second, F.conv2d(x, base + layer.taps_delta["t"], padding=1))
+    torch.testing.assert_close(third, F.conv2d(x, base, padding=1))
+    assert not torch.allclose(first, second)
