@@ -5,10 +5,59 @@ import os
 from typing import Any, Mapping
 
 import timm
+import torch
+from torch import nn
 
 from .model import TapsModel
 
-__all__ = ["create_backbone", "create_taps_model"]
+__all__ = ["create_backbone", "create_taps_model", "load_weights"]
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load a local weights file into ``model`` (which has no classifier).
+
+    Keys are matched by name first. A file from another library with the same layers in the
+    same order (e.g. torchvision's MobileNetV2 file for timm's ``mobilenetv2_100``) is mapped
+    tensor by tensor in order, but only if every shape agrees; its classifier, absent from
+    ``model``, is dropped. Returns ``"by name"`` or ``"by order"``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist; give the path of a local .pth/.safetensors file")
+    state = _read_state_dict(path)
+    target = model.state_dict()
+    named = {k: v for k, v in state.items() if k in target}
+    if len(named) == len(target) and all(named[k].shape == target[k].shape for k in target):
+        model.load_state_dict(named)
+        return "by name"
+    source = list(state.items())[: len(target)]
+    mismatch = [
+        f"{tk} {tuple(tv.shape)} <- {sk} {tuple(sv.shape)}"
+        for (tk, tv), (sk, sv) in zip(target.items(), source)
+        if tv.shape != sv.shape
+    ]
+    if len(source) < len(target) or mismatch:
+        raise ValueError(
+            f"{path}: cannot load into {type(model).__name__}: {len(named)}/{len(target)} keys match by name and "
+            f"mapping by order fails ({'; '.join(mismatch[:3]) or 'file has too few tensors'}). "
+            "Check that the file is for this architecture."
+        )
+    model.load_state_dict({tk: sv for tk, (_, sv) in zip(target, source)})
+    return "by order"
 
 
 def create_backbone(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None, **kwargs: Any):
@@ -17,17 +66,15 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | os.PathL
     Args:
         name: any ``timm.list_models()`` name.
         pretrained: download the hub weights (never done by the tests).
-        weights: a local weights file (``.pth``/``.bin``/``.safetensors``) loaded through timm's
-            ``pretrained_cfg_overlay``; no network access.
+        weights: a local weights file (``.pth``/``.bin``/``.safetensors``), see :func:`load_weights`;
+            no network access.
     """
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         raise ValueError(f"unknown backbone {name!r}; pick a name from timm.list_models(), e.g. 'resnet50'")
+    model = timm.create_model(name, pretrained=pretrained and weights is None, num_classes=0, **kwargs)
     if weights is not None:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"weights file {weights} does not exist; give the path of a local .pth/.safetensors")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-        pretrained = True
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        load_weights(model, weights)
+    return model
 
 
 def create_taps_model(

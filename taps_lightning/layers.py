@@ -41,6 +41,7 @@ class TapsLayer(nn.Module):
         self.taps_delta = nn.ParameterDict()
         self.taps_score = nn.ParameterDict()
         self.active_task: str | None = None
+        self.taps_enabled = True
         self._merged_cache: dict[str, tuple[tuple, Tensor]] = {}
 
     # -- task bookkeeping ------------------------------------------------------------
@@ -79,7 +80,7 @@ class TapsLayer(nn.Module):
     def _gated_weight(self) -> Tensor:
         base = self.base_layer.weight
         task = self.active_task
-        if task is None:
+        if task is None or not self.taps_enabled:
             return base
         delta, score = self.taps_delta[task], self.taps_score[task]
         if self.training or torch.is_grad_enabled():

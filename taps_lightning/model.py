@@ -163,6 +163,12 @@ class TapsModel(nn.Module):
         for _, norm in self.task_norms():
             norm.active_task = task
 
+    def set_taps_enabled(self, enabled: bool) -> None:
+        """``False`` runs every task on the shared weights (norms and heads stay task-specific):
+        the first phase of memory-efficient TAPS, where the base is trained jointly."""
+        for _, layer in self.taps_layers():
+            layer.taps_enabled = enabled
+
     # -- forward ---------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features of the active task's backbone (shared + its task-specific layers)."""

@@ -25,3 +25,32 @@ def tiny_resnet(tasks=None, **kwargs) -> tl.TapsModel:
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
     return tl.TapsModel(backbone, tasks=tasks or {"a": 3, "b": 5}, **kwargs)
+
+
+class TinyTasks:
+    """Factory of a tiny, learnable multi-task DataModule (class = which quadrant is bright)."""
+
+    @staticmethod
+    def make(tasks=("a", "b"), classes=(4, 3), n=24, size=32, batch_size=8, nan_task=None):
+        from datamodules.base import MultiTaskDataModule, TensorImageDataset
+
+        class _Tiny(MultiTaskDataModule):
+            @property
+            def available_tasks(self):
+                return dict(zip(tasks, classes))
+
+            def build_dataset(self, task, split):
+                g = torch.Generator().manual_seed(hash((task, split)) % 2**31)
+                k = self.available_tasks[task]
+                labels = torch.arange(n) % k
+                images = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
+                half = size // 2
+                for i, y in enumerate(labels.tolist()):
+                    r, c = divmod(y % 4, 2)
+                    images[i, :, r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+                transform = None
+                if task == nan_task:
+                    transform = lambda x: torch.full(x.shape, float("nan"))
+                return TensorImageDataset(images, labels, transform)
+
+        return _Tiny(batch_size=batch_size, num_workers=0, persistent_workers=False)

@@ -1,0 +1,48 @@
+"""``TaskExport``: write each task's adapter (``save_task``) next to the checkpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from taps_lightning import TapsModel, save_task
+
+__all__ = ["TaskExport", "adapter_dir"]
+
+
+def adapter_dir(trainer: L.Trainer) -> Path:
+    """``<checkpoint dir>/adapters`` (or ``<log dir>/adapters`` without a checkpoint callback)."""
+    ckpt = trainer.checkpoint_callback
+    base = ckpt.dirpath if ckpt is not None and ckpt.dirpath else (trainer.log_dir or trainer.default_root_dir)
+    return Path(base) / "adapters"
+
+
+class TaskExport(L.Callback):
+    """After fit (final weights) and again after test (the tested, usually best, weights),
+    save every task as ``adapters/<task>.safetensors``. Rank zero writes; others wait."""
+
+    def __init__(self) -> None:
+        self.paths: dict[str, Path] = {}
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, TapsModel):
+            return
+        folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
+        if trainer.is_global_zero:
+            for task in model.tasks:
+                self.paths[task] = save_task(model, task, folder / f"{task}.safetensors")
+            rank_zero_info(f"TAPS | adapters ({when}) written to {folder}")
+        trainer.strategy.barrier("taps_export")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module, "final weights")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._export(trainer, pl_module, "tested weights")
+
+
+def file_mb(path: str | os.PathLike) -> float:
+    return os.path.getsize(path) / 2**20

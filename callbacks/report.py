@@ -1,0 +1,103 @@
+"""``ResultsReport``: the paper's table (accuracy beside parameter cost) as Markdown and CSV."""
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from taps_lightning import TapsModel, save_task
+
+__all__ = ["ResultsReport", "collect_rows", "format_markdown"]
+
+COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "task_params_pct", "stored_mb")
+
+
+def _stored_mb(module: L.LightningModule, task: str) -> float:
+    """Size of what the task needs on disk besides the shared base."""
+    model = module.model
+    if isinstance(model, TapsModel):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_task(model, task, Path(tmp) / "t.safetensors")
+            return os.path.getsize(path) / 2**20
+    return module.task_cost(task)["task_params"] * 4 / 2**20  # fp32 weights of a baseline
+
+
+def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[dict]:
+    """One row per task from the logged ``<stage>/<task>/acc`` and the module's costs, plus a total."""
+    rows = []
+    for task in module.tasks:
+        cost = module.task_cost(task)
+        acc = metrics.get(f"{stage}/{task}/acc")
+        rows.append({
+            "task": task,
+            "accuracy": float(acc) * 100 if acc is not None else float("nan"),
+            "active_layers": int(cost["active_layers"]),
+            "gated_layers": int(cost["gated_layers"]),
+            "task_params": int(cost["task_params"]),
+            "task_params_pct": 100 * float(cost["fraction"]),
+            "stored_mb": _stored_mb(module, task),
+        })
+    base = rows and module.task_cost(rows[0]["task"])["base_params"]
+    total_params = sum(r["task_params"] for r in rows)
+    accs = [r["accuracy"] for r in rows]
+    rows.append({
+        "task": "total / mean",
+        "accuracy": sum(accs) / len(accs) if accs else float("nan"),
+        "active_layers": sum(r["active_layers"] for r in rows),
+        "gated_layers": sum(r["gated_layers"] for r in rows),
+        "task_params": total_params,
+        "task_params_pct": 100 * total_params / base if base else float("nan"),
+        "stored_mb": sum(r["stored_mb"] for r in rows),
+        "params_multiple": (base + total_params) / base if base else float("nan"),
+    })
+    return rows
+
+
+def format_markdown(rows: list[dict], title: str) -> str:
+    head = "| task | acc (%) | active / gated layers | task params | % of backbone | stored MB |\n|---|---:|---:|---:|---:|---:|\n"
+    body = "".join(
+        f"| {r['task']} | {r['accuracy']:.2f} | {r['active_layers']} / {r['gated_layers']} | {r['task_params']:,} | "
+        f"{r['task_params_pct']:.2f} | {r['stored_mb']:.2f} |\n"
+        for r in rows
+    )
+    total = rows[-1] if rows else {}
+    tail = f"\nTotal parameters for all tasks: {total.get('params_multiple', float('nan')):.2f}x one backbone.\n"
+    return f"## {title}\n\n{head}{body}{tail}"
+
+
+class ResultsReport(L.Callback):
+    """At the end of test (or of fit, from validation metrics, when no test runs) write
+    ``report.md`` and ``report.csv`` to the log directory and print the table."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.path: Path | None = None
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        rows = collect_rows(pl_module, trainer.callback_metrics, stage)
+        self.rows = rows
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero:
+            return
+        hp = pl_module.hparams
+        title = f"{hp.backbone}, mode={hp.mode}, lam={hp.lam} ({stage} set)"
+        text = format_markdown(rows, title)
+        folder = Path(log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text(text)
+        with open(folder / "report.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS) + ["params_multiple"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        self.path = folder / "report.md"
+        rank_zero_info("\n" + text + f"\n(written to {self.path} and report.csv)")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "test")

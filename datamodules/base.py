@@ -1,0 +1,129 @@
+"""``MultiTaskDataModule``: the loader logic every benchmark shares.
+
+Training yields ``{task: (images, labels)}`` batches through Lightning's ``CombinedLoader``
+(``max_size_cycle``: an epoch ends with the largest task, smaller tasks cycle), so joint and
+incremental modes see every task in every step. Validation and test return one dataloader
+per task, in ``tasks`` order. Under DDP Lightning gives each task's training loader a
+``DistributedSampler``; evaluation loaders get an unrepeated sharding so that no sample is
+counted twice.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+
+
+class TensorImageDataset(Dataset):
+    """Images held as one uint8 tensor ``[N, 3, H, W]`` with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        image = self.transform(image) if self.transform else image.float().div(255)
+        return image, int(self.labels[index])
+
+
+def _unrepeated_sampler(dataset: Dataset):
+    """Shard ``dataset`` over DDP ranks without padding (each sample evaluated exactly once)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Base of every benchmark DataModule.
+
+    Args:
+        tasks: which tasks to use (default: all of the benchmark's).
+        batch_size: images per task per training step (the joint batch is ``len(tasks) x batch_size``).
+        eval_batch_size: images per validation/test batch (default: ``batch_size``).
+        num_workers: loader processes per task loader.
+        pin_memory: pin host memory (speeds up host-to-GPU copies; ignored on CPU).
+        persistent_workers: keep workers alive between epochs.
+    """
+
+    def __init__(self, tasks: Sequence[str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
+                 num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
+        super().__init__()
+        self._requested_tasks = list(tasks) if tasks else None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.datasets: dict[str, dict[str, Dataset]] = {}
+
+    # -- what subclasses define ---------------------------------------------------------
+    @property
+    @abstractmethod
+    def available_tasks(self) -> dict[str, int]:
+        """``{task: num_classes}`` of the whole benchmark."""
+
+    @abstractmethod
+    def build_dataset(self, task: str, split: str) -> Dataset:
+        """The dataset of one task and split (``train``, ``val`` or ``test``)."""
+
+    # -- shared ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        available = self.available_tasks
+        if self._requested_tasks is None:
+            return list(available)
+        unknown = [t for t in self._requested_tasks if t not in available]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown} for {type(self).__name__}; available: {list(available)}")
+        return list(self._requested_tasks)
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        """``{task: num_classes}`` of the selected tasks (what the model's heads must be)."""
+        available = self.available_tasks
+        return {t: available[t] for t in self.tasks}
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for task in self.tasks:
+            for split in splits.get(stage, SPLITS) if stage else SPLITS:
+                self.datasets.setdefault(task, {})
+                if split not in self.datasets[task]:
+                    self.datasets[task][split] = self.build_dataset(task, split)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = None if train else _unrepeated_sampler(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({t: self._loader(self.datasets[t]["train"], True) for t in self.tasks}, mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.datasets[t]["val"], False) for t in self.tasks]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self.datasets[t]["test"], False) for t in self.tasks]

