@@ -114,6 +114,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train and len(dataset) > self.batch_size,
             sampler=sampler,
+            collate_fn=getattr(dataset, "collate_fn", None),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,

@@ -1,0 +1,172 @@
+"""DataModules on fabricated copies of each official layout."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import (DataLayoutError, DomainNet, ImageFolderTasks, ImageNetToSketch, VisualDecathlon,
+                         write_submission)
+from datamodules.base import _unrepeated_sampler
+from datamodules.check import check, main as check_main
+from datamodules.images import CorruptImageError
+
+
+def _img(path: Path, value: int, mode="RGB", size=(12, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, 255 - value, 7) if mode == "RGB" else (value, 0, 0, 0)
+    Image.new(mode, size, color).save(path, "JPEG")
+    return path
+
+
+def _folder_tree(root: Path, tasks=("flowers", "cars"), classes=3, per_class=2, test_classes=None):
+    for task in tasks:
+        for split, n_cls in (("train", classes), ("test", test_classes or classes)):
+            for c in range(n_cls):
+                for i in range(per_class):
+                    _img(root / task / split / f"class{c}" / f"{i}.jpg", 40 * c + i, mode="L" if c == 1 else "RGB")
+    return root
+
+
+def test_image_folder_counts_labels_and_greyscale(tmp_path):
+    _folder_tree(tmp_path, test_classes=2)  # test lacks class2: labels must not shift
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
+    assert dm.num_classes == {"cars": 3, "flowers": 3}
+    dm.setup("fit")
+    train, val = dm.datasets["flowers"]["train"], dm.datasets["flowers"]["val"]
+    assert len(train) == 6 and len(val) == 4
+    path, label = train.samples[train.samples.index((str(tmp_path / "flowers/train/class2/1.jpg"), 2))]
+    assert label == 2
+    image, label = val[2]
+    assert label == 1 and image.shape == (3, 8, 8)  # greyscale JPEG converted to RGB
+
+
+def test_joint_batches_are_tagged_by_task(tmp_path):
+    _folder_tree(tmp_path)
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batch, _, _ = next(iter(loader))
+    assert set(batch) == {"cars", "flowers"}
+    x, y = batch["cars"]
+    assert x.shape == (2, 3, 8, 8) and y.dtype == torch.int64
+    assert [len(d) for d in dm.val_dataloader()] == [3, 3]
+
+
+def test_imagenet_to_sketch_checks_class_counts(tmp_path):
+    for c in range(102):
+        _img(tmp_path / "flowers" / "train" / f"{c:03d}" / "a.jpg", c)
+        _img(tmp_path / "flowers" / "test" / f"{c:03d}" / "a.jpg", c)
+    dm = ImageNetToSketch(str(tmp_path), tasks=["flowers"], num_workers=0)
+    assert dm.num_classes == {"flowers": 102}
+    dm.setup("fit")
+    assert len(dm.datasets["flowers"]["train"]) == 102
+    bad = ImageNetToSketch(str(tmp_path / "missing"), tasks=["wikiart"], num_workers=0)
+    with pytest.raises(DataLayoutError, match="missing.*data folder not found"):
+        bad.setup("fit")
+    _folder_tree(tmp_path, tasks=("wikiart",), classes=3)
+    with pytest.raises(DataLayoutError, match=r"wikiart/train: 3 class folders, but wikiart has 195 classes"):
+        ImageNetToSketch(str(tmp_path), tasks=["wikiart"], num_workers=0).setup("fit")
+    with pytest.raises(ValueError, match="unknown task.*'cars'.*available"):
+        ImageNetToSketch(str(tmp_path), tasks=["cars"]).num_classes
+
+
+def _domainnet(root: Path):
+    lines = {"train": [], "test": []}
+    for label, cls in enumerate(["aircraft_carrier", "zebra"]):
+        for i in range(3):
+            rel = f"clipart/{cls}/clipart_{label}_{i}.jpg"
+            _img(root / rel, 50 * label + i)
+            lines["train" if i < 2 else "test"].append(f"{rel} {label if cls == 'aircraft_carrier' else 344}")
+    for split, rows in lines.items():
+        (root / f"clipart_{split}.txt").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_domainnet_split_files(tmp_path):
+    _domainnet(tmp_path)
+    dm = DomainNet(str(tmp_path), tasks=["clipart"], image_size=8, num_workers=0)
+    assert dm.num_classes == {"clipart": 345}
+    dm.setup("fit")
+    train = dm.datasets["clipart"]["train"]
+    assert len(train) == 4 and len(dm.datasets["clipart"]["val"]) == 2
+    assert (str(tmp_path / "clipart/zebra/clipart_1_0.jpg"), 344) in train.samples
+    with pytest.raises(DataLayoutError, match="painting_train.txt: split file missing"):
+        DomainNet(str(tmp_path), tasks=["painting"], num_workers=0).setup("fit")
+    (tmp_path / "clipart/zebra/clipart_1_1.jpg").unlink()
+    with pytest.raises(DataLayoutError, match=r"clipart_train.txt:4: names .*clipart_1_1.jpg, which does not exist"):
+        DomainNet(str(tmp_path), tasks=["clipart"], num_workers=0).setup("fit")
+
+
+def _decathlon(root: Path, task="vgg-flowers", prefix=10, classes=102):
+    cats = [{"id": prefix * 10**7 + k + 1, "name": f"c{k}", "supercategory": task} for k in range(classes)]
+    for split in ("train", "val", "test"):
+        images, anns = [], []
+        for i in range(3):
+            iid = prefix * 10**6 + {"train": 0, "val": 100, "test": 200}[split] + i
+            rel = f"data/{task}/{split}/{i:06d}.jpg"
+            _img(root / rel, 30 * i)
+            images.append({"id": iid, "width": 12, "height": 10, "file_name": rel})
+            anns.append({"id": iid, "image_id": iid, "category_id": cats[i * 7]["id"], "segmentation": [], "area": 0,
+                         "bbox": [], "iscrowd": 0})
+        doc = {"info": {}, "images": images, "categories": cats, "licenses": []}
+        name = f"{task}_{split}.json" if split != "test" else f"{task}_test_stripped.json"
+        if split != "test":
+            doc["annotations"] = anns
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / name).write_text(json.dumps(doc))
+
+
+def test_visual_decathlon_annotations_and_submission(tmp_path):
+    _decathlon(tmp_path)
+    dm = VisualDecathlon(str(tmp_path), tasks=["vgg-flowers"], num_workers=0, batch_size=2)
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.datasets["vgg-flowers"]["train"]
+    assert [label for _, label in train.samples] == [0, 7, 14]  # index of category_id in categories
+    x, _ = train[0]
+    assert x.shape == (3, 64, 64)
+    assert [label for _, label in dm.datasets["vgg-flowers"]["test"].samples] == [-1, -1, -1]  # stripped file
+    out = write_submission({"vgg-flowers": [(dm.test_ids["vgg-flowers"][0], 101)]}, dm.category_ids,
+                           tmp_path / "results.json")
+    assert json.loads(out.read_text()) == [{"image_id": 10000200, "category_id": 100000102}]
+    with pytest.raises(DataLayoutError, match="svhn_train.json: annotation file missing"):
+        VisualDecathlon(str(tmp_path), tasks=["svhn"], num_workers=0).setup("fit")
+
+
+def test_truncated_jpeg_is_reported_by_name(tmp_path):
+    _folder_tree(tmp_path, tasks=("flowers",))
+    bad = tmp_path / "flowers/train/class0/0.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=6)
+    problems = check(dm)
+    assert len(problems) == 1 and str(bad) in problems[0] and "skip_corrupt=True" in problems[0]
+    dm.setup("fit")
+    with pytest.raises(CorruptImageError, match=str(bad)):
+        next(iter(dm.train_dataloader()))
+    skipping = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=6, skip_corrupt=True)
+    skipping.setup("fit")
+    with pytest.warns(UserWarning, match="skipped corrupt image .*0.jpg"):
+        batch, _, _ = next(iter(skipping.train_dataloader()))
+    assert len(batch["flowers"][1]) == 5
+    assert check_main(["imagefolder", str(tmp_path), "--quick"]) == 0  # layout alone is fine
+    assert check_main(["imagefolder", str(tmp_path)]) == 1
+
+
+def test_eval_sharding_covers_every_sample_once(tmp_path, monkeypatch):
+    dataset = list(range(11))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, r=rank: r)
+        seen += list(_unrepeated_sampler(dataset))
+    assert sorted(seen) == dataset
+
+
+def test_check_cli_prints_counts(tmp_path, capsys):
+    _domainnet(tmp_path)
+    assert check_main(["domainnet", str(tmp_path), "--tasks", "clipart"]) == 0
+    out = capsys.readouterr().out
+    assert "clipart: 345 classes; images: train 4, val 2, test 2" in out and "OK" in out
