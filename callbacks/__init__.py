@@ -1,5 +1,10 @@
-"""Lightning callbacks: adapter export, results report (and, later, TensorBoard figures)."""
+"""Lightning callbacks: layer-selection heatmaps, parameter counts, Decathlon score,
+adapter export and the results report."""
+from .decathlon import DecathlonScore, decathlon_score
 from .export import TaskExport
+from .params import TaskParamLogger
 from .report import ResultsReport
+from .selection import LayerSelectionLogger
 
-__all__ = ["TaskExport", "ResultsReport"]
+__all__ = ["TaskExport", "ResultsReport", "LayerSelectionLogger", "TaskParamLogger", "DecathlonScore",
+           "decathlon_score"]

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks import ResultsReport, TaskExport
+from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger
 from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
@@ -45,6 +45,9 @@ class TapsCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(TaskExport, "export")
         parser.add_lightning_class_args(ResultsReport, "report")
+        parser.add_lightning_class_args(LayerSelectionLogger, "layer_selection")
+        parser.add_lightning_class_args(TaskParamLogger, "param_logger")
+        parser.add_lightning_class_args(DecathlonScore, "decathlon_score")
         parser.link_arguments("data.num_classes", "model.tasks", apply_on="instantiate")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",

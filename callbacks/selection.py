@@ -1,0 +1,93 @@
+"""TensorBoard figures of which layers each task adapts (the paper's Fig. 3-6)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+
+from taps_lightning import TapsModel, layer_scores
+
+__all__ = ["selection_matrix", "draw_heatmap", "LayerSelectionLogger"]
+
+
+def selection_matrix(model: TapsModel) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """``(tasks, layer names in forward order, mask [T, L] of 0/1, scores [T, L])``."""
+    tasks = model.tasks
+    layers = model.layer_order()
+    scores = np.array([list(layer_scores(model, t).values()) for t in tasks], dtype=np.float32).reshape(len(tasks), -1)
+    mask = (scores >= model.threshold).astype(np.float32)
+    return tasks, layers, mask, scores
+
+
+def _short(name: str) -> str:
+    return name.replace("blocks.", "b").replace("layer", "L").replace("downsample", "ds").replace("features.", "")
+
+
+def draw_heatmap(values: np.ndarray, tasks: list[str], layers: list[str], title: str,
+                 threshold: float | None = None) -> np.ndarray:
+    """Render a tasks x layers heatmap to an RGB array ``[H, W, 3]`` (uint8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = min(40.0, max(6.0, 0.18 * len(layers) + 2))
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(tasks)), dpi=80)
+    if threshold is None:
+        im = ax.imshow(values, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        span = max(float(np.abs(values - threshold).max()), 1e-3)
+        im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=threshold - span, vmax=threshold + span,
+                       interpolation="nearest")
+        cbar = fig.colorbar(im, ax=ax, pad=0.01)
+        cbar.ax.axhline(threshold, color="k", linewidth=2)
+        cbar.set_label(f"score (tau={threshold:g})")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(len(layers)), [_short(n) for n in layers], rotation=90, fontsize=6)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+class LayerSelectionLogger(L.Callback):
+    """After every validation epoch, log ``taps/layer_selection`` (active=1 / inactive=0) and
+    ``taps/scores`` (raw scores, the threshold marked) as images to TensorBoard, so the
+    step slider shows selection evolving; at the end of fit write both as PNG next to the
+    checkpoints. Rank zero draws; it costs nothing per training step."""
+
+    def _model(self, pl_module):
+        model = getattr(pl_module, "model", None)
+        return model if isinstance(model, TapsModel) and model.tasks else None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        model = self._model(pl_module)
+        if model is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        tasks, layers, mask, scores = selection_matrix(model)
+        images = {
+            "taps/layer_selection": draw_heatmap(mask, tasks, layers, f"task-specific layers, epoch {trainer.current_epoch}"),
+            "taps/scores": draw_heatmap(scores, tasks, layers, f"layer scores, epoch {trainer.current_epoch}",
+                                        threshold=model.threshold),
+        }
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                for tag, image in images.items():
+                    experiment.add_image(tag, image, global_step=trainer.current_epoch, dataformats="HWC")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        model = self._model(pl_module)
+        ckpt = trainer.checkpoint_callback
+        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else None
+        if model is None or folder is None or not trainer.is_global_zero:
+            return
+        from PIL import Image
+
+        tasks, layers, mask, scores = selection_matrix(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_heatmap(mask, tasks, layers, "task-specific layers")).save(folder / "layer_selection.png")
+        Image.fromarray(draw_heatmap(scores, tasks, layers, "layer scores", model.threshold)).save(folder / "scores.png")
