@@ -102,4 +102,4 @@ def main(args: list[str] | None = None) -> TapsCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

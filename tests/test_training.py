@@ -189,3 +189,12 @@ def test_cli_ddp_gloo_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "x2" in out and "| sketch |" in out
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_resolves(config):
+    from experiments.fit import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(ROOT / "configs" / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
