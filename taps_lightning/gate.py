@@ -38,11 +38,45 @@ class _GatedWeight(torch.autograd.Function):
         grad_score = None
         if ctx.needs_input_grad[2]:
             # Accumulate the inner product in fp32 so half-precision grads do not overflow.
-            grad_score = (grad_w.float() * delta.float()).sum().to(gate.dtype).reshape(gate.shape)
+            grad_score = _dot(grad_w, delta).to(gate.dtype).reshape(gate.shape)
         return grad_base, grad_delta, grad_score, None
 
 
-def gated_weight(base: Tensor, delta: Tensor, score: Tensor, threshold: float) -> Tensor:
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a, b>`` without a temporary of their size (fp32 accumulation for half tensors)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        a, b = a.float(), b.float()
+    return torch.dot(a, b)
+
+
+class _KnownGateWeight(torch.autograd.Function):
+    """The same function when the gate is already known on the host: an inactive layer does
+    no add at all, an active one passes ``dL/dw`` to ``delta`` without a multiply."""
+
+    @staticmethod
+    def forward(ctx, base: Tensor, delta: Tensor, score: Tensor, active: bool) -> Tensor:
+        ctx.active = active
+        ctx.save_for_backward(delta)
+        ctx.score_dtype, ctx.score_shape = score.dtype, score.shape
+        return base + delta if active else base.view_as(base)
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):
+        (delta,) = ctx.saved_tensors
+        need_base, need_delta, need_score, _ = ctx.needs_input_grad
+        grad_base = grad_w if need_base else None
+        grad_delta = None
+        if need_delta:
+            if not ctx.active:
+                grad_delta = torch.zeros_like(delta)  # explicit zeros keep DDP's reducer complete
+            else:  # never hand one tensor to two parameters' .grad (in-place clipping would hit both)
+                grad_delta = grad_w.clone() if need_base else grad_w
+        grad_score = _dot(grad_w, delta).to(ctx.score_dtype).reshape(ctx.score_shape) if need_score else None
+        return grad_base, grad_delta, grad_score, None
+
+
+def gated_weight(base: Tensor, delta: Tensor, score: Tensor, threshold: float, active: bool | None = None) -> Tensor:
     """Return ``base + I(score >= threshold) * delta`` with the TAPS straight-through gradient.
 
     Args:
@@ -50,5 +84,9 @@ def gated_weight(base: Tensor, delta: Tensor, score: Tensor, threshold: float) -
         delta: the task-specific perturbation, same shape as ``base``.
         score: the scalar layer score ``s``.
         threshold: ``tau``; the layer is task-specific when ``s >= tau``.
+        active: ``I(score >= threshold)`` if the caller already knows it (``TapsModel`` reads
+            all gates of a forward with one device sync); ``None`` computes it on the device.
     """
-    return _GatedWeight.apply(base, delta, score, threshold)
+    if active is None:
+        return _GatedWeight.apply(base, delta, score, threshold)
+    return _KnownGateWeight.apply(base, delta, score, bool(active))

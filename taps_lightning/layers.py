@@ -42,6 +42,7 @@ class TapsLayer(nn.Module):
         self.taps_score = nn.ParameterDict()
         self.active_task: str | None = None
         self.taps_enabled = True
+        self.gate_hint: tuple[str, bool] | None = None  # (task, active), set by TapsModel per forward
         self._merged_cache: dict[str, tuple[tuple, Tensor]] = {}
 
     # -- task bookkeeping ------------------------------------------------------------
@@ -84,7 +85,9 @@ class TapsLayer(nn.Module):
             return base
         delta, score = self.taps_delta[task], self.taps_score[task]
         if self.training or torch.is_grad_enabled():
-            return gated_weight(base, delta, score, self.threshold)
+            hint = self.gate_hint
+            active = hint[1] if hint is not None and hint[0] == task else self.is_active(task)
+            return gated_weight(base, delta, score, self.threshold, active)
         # Inference: build the merged weight once and reuse it until a tensor changes in place.
         key = (self.threshold, base._version, delta._version, score._version,
                base.data_ptr(), delta.data_ptr(), score.data_ptr(), base.dtype, delta.dtype)

@@ -172,9 +172,26 @@ class TapsModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features of the active task's backbone (shared + its task-specific layers)."""
-        if self._forward_order is None:
-            return self._forward_recording_order(x)
-        return self.backbone(x)
+        layers = self._hint_gates()
+        try:
+            if self._forward_order is None:
+                return self._forward_recording_order(x)
+            return self.backbone(x)
+        finally:
+            for layer in layers:
+                layer.gate_hint = None
+
+    def _hint_gates(self) -> list[TapsLayer]:
+        """Read every gate of the active task with one device sync and hand each layer its
+        own, so no layer syncs on its own and inactive layers skip the weight add."""
+        task = self.active_task
+        if task is None or not (self.training or torch.is_grad_enabled()):
+            return []
+        layers = [layer for _, layer in self.taps_layers()]
+        scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
+        for layer, active in zip(layers, (scores >= self.threshold).tolist()):
+            layer.gate_hint = (task, active)
+        return layers
 
     def forward(self, x: Tensor, task: str | None = None) -> Tensor:
         """Logits of ``task`` (default: the active task)."""

@@ -140,3 +140,19 @@ def test_inference_cache_follows_in_place_updates():
     torch.testing.assert_close(second, F.conv2d(x, base + layer.taps_delta["t"], padding=1))
     torch.testing.assert_close(third, F.conv2d(x, base, padding=1))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("known", [True, False])
+@pytest.mark.parametrize("on", [True, False])
+def test_gated_weight_function_both_paths(known, on):
+    base = torch.randn(4, 3, requires_grad=True)
+    delta = torch.randn(4, 3, requires_grad=True)
+    score = torch.tensor(0.3 if on else 0.0, requires_grad=True)
+    upstream = torch.randn(4, 3)
+    w = tl.gated_weight(base, delta, score, TAU, active=on if known else None)
+    torch.testing.assert_close(w, base + delta if on else base)
+    w.backward(upstream)
+    torch.testing.assert_close(base.grad, upstream)
+    torch.testing.assert_close(delta.grad, upstream if on else torch.zeros_like(upstream))
+    torch.testing.assert_close(score.grad, (upstream * delta).sum())
+    assert delta.grad.data_ptr() != base.grad.data_ptr()  # never one tensor for two parameters
