@@ -238,7 +238,10 @@ class TapsModule(L.LightningModule):
         if isinstance(self.model, TapsModel):
             cost = count_params(self.model, task)
             if self.hparams.mode == "memory_efficient" and self.current_epoch < self.taps_start_epoch():
-                cost = {**cost, "active_layers": 0}
+                # joint phase: deltas are switched off, a task owns only its norms and head
+                own = cost["norm_params"] + cost["head_params"]
+                cost = {**cost, "active_layers": 0, "delta_params": 0, "task_params": own,
+                        "fraction": own / cost["base_params"]}
             return cost
         params = self.model.task_param_count(task)
         base = self.model.base_param_count

@@ -1,0 +1,29 @@
+"""The bench and reproduce entry points run end to end on tiny configurations (not their timings)."""
+import json
+
+import pytest
+
+from experiments import bench, reproduce
+
+
+def test_bench_runs_and_reports_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--archs", "test_resnet", "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1",
+                       "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(rows))
+    for key in ("train_step_ratio", "memory_ratio", "gated_inference_throughput_ratio",
+                "merged_inference_throughput_ratio", "stored_bytes_ratio", "count_params_fraction"):
+        assert saved[0][key] > 0
+    assert saved[0]["peak_bytes"]["taps"] > saved[0]["peak_bytes"]["finetune"] > 0  # TAPS holds base + delta
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_the_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPS_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    out = reproduce.main(["--quick", "--out", str(tmp_path / "results.md"),
+                          "--only", "Feature extractor", "TAPS memory-efficient, lambda=0.5"])
+    text = out.read_text()
+    assert "| Feature extractor | 1.0" in text and "| TAPS memory-efficient, lambda=0.5 |" in text
+    assert "| mnist | mnist_m | uci_digits | sketch |" in text and "Table 5 (DomainNet" in text
