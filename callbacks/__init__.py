@@ -5,6 +5,7 @@ from .export import TaskExport
 from .params import TaskParamLogger
 from .report import ResultsReport
 from .selection import LayerSelectionLogger
+from .similarity import TaskSimilarityLogger
 
-__all__ = ["TaskExport", "ResultsReport", "LayerSelectionLogger", "TaskParamLogger", "DecathlonScore",
+__all__ = ["TaskExport", "ResultsReport", "LayerSelectionLogger", "TaskParamLogger", "DecathlonScore", "TaskSimilarityLogger",
            "decathlon_score"]

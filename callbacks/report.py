@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from taps_lightning import TapsModel, save_task
+from taps_lightning import ProgressiveAdapterModel, TapsModel, save_task
 
 __all__ = ["ResultsReport", "collect_rows", "format_markdown"]
 
@@ -19,7 +19,7 @@ COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "
 def _stored_mb(module: L.LightningModule, task: str) -> float:
     """Size of what the task needs on disk besides the shared base."""
     model = module.model
-    if isinstance(model, TapsModel):
+    if isinstance(model, (TapsModel, ProgressiveAdapterModel)):
         with tempfile.TemporaryDirectory() as tmp:
             path = save_task(model, task, Path(tmp) / "t.safetensors")
             return os.path.getsize(path) / 2**20
@@ -69,6 +69,22 @@ def format_markdown(rows: list[dict], title: str) -> str:
     return f"## {title}\n\n{head}{body}{tail}"
 
 
+def grouping_markdown(pl_module) -> str:
+    """Progressive adapters: which tasks share an adapter in each stage, and the similarities."""
+    model = getattr(pl_module, "model", None)
+    if not isinstance(model, ProgressiveAdapterModel) or not model.grouped:
+        return ""
+    lines = ["", "### Adapter sharing (progressive adapters)", "", "| stage | adapters | groups |", "|---|---:|---|"]
+    for stage, groups in sorted(model.groups.items()):
+        lines.append(f"| {stage} | {len(groups)} | " + " / ".join("{" + ", ".join(g) + "}" for g in groups) + " |")
+    for stage, sim in sorted(getattr(pl_module, "similarity", {}).items()):
+        tasks = model.tasks
+        lines += ["", f"Gradient cosine similarity, stage {stage}:", "",
+                  "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += [f"| {t} | " + " | ".join(f"{float(v):.2f}" for v in row) + " |" for t, row in zip(tasks, sim)]
+    return "\n".join(lines) + "\n"
+
+
 class ResultsReport(L.Callback):
     """At the end of test (or of fit, from validation metrics, when no test runs) write
     ``report.md`` and ``report.csv`` to the log directory and print the table."""
@@ -85,7 +101,7 @@ class ResultsReport(L.Callback):
             return
         hp = pl_module.hparams
         title = f"{hp.backbone}, mode={hp.mode}, lam={hp.lam} ({stage} set)"
-        text = format_markdown(rows, title)
+        text = format_markdown(rows, title) + grouping_markdown(pl_module)
         folder = Path(log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(text)

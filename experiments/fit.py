@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger
+from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
+                       TaskSimilarityLogger)
 from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
@@ -48,6 +49,7 @@ class TapsCLI(LightningCLI):
         parser.add_lightning_class_args(LayerSelectionLogger, "layer_selection")
         parser.add_lightning_class_args(TaskParamLogger, "param_logger")
         parser.add_lightning_class_args(DecathlonScore, "decathlon_score")
+        parser.add_lightning_class_args(TaskSimilarityLogger, "similarity_logger")
         parser.link_arguments("data.num_classes", "model.tasks", apply_on="instantiate")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",

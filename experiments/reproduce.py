@@ -1,7 +1,8 @@
 """``python -m experiments.reproduce``: accuracy against parameter cost on the offline benchmark.
 
 Trains, one after the other and seeded, the feature extractor, full fine-tuning, incremental
-TAPS at lambda 0.25 / 0.5 / 0.75, joint TAPS and memory-efficient TAPS on the embedded digit
+TAPS at lambda 0.25 / 0.5 / 0.75, joint TAPS, memory-efficient TAPS, joint (multi-task)
+fine-tuning and progressive task-specific adapters on the embedded digit
 domains (``python -m experiments.fit`` defaults otherwise), tests each best checkpoint and
 writes ``docs/results.md`` in the layout of the paper's Tables 1 and 5, with the paper's own
 numbers quoted for reference. ``--quick`` runs a tiny version (for the tests).
@@ -28,6 +29,8 @@ VARIANTS = [
     ("TAPS joint, lambda=0.5", ["--model.mode", "joint", "--model.lam", "0.5"]),
     ("TAPS memory-efficient, lambda=0.5", ["--model.mode", "memory_efficient", "--model.lam", "0.5",
                                            "--model.joint_epochs", "2"]),
+    ("Joint fine-tuning", ["--model.mode", "joint_finetune"]),
+    ("Progressive adapters (rank 8)", ["--model.mode", "progressive", "--model.lr", "0.05"]),
 ]
 QUICK = ["--trainer.max_epochs", "1", "--data.init_args.max_train_per_task", "32", "--trainer.limit_val_batches", "1",
          "--trainer.limit_test_batches", "1", "--model.joint_epochs", "0"]

@@ -10,12 +10,13 @@ from .inject import inject_taps, strip_classifier
 from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
 from .model import TapsModel
 from .norms import TaskNorm
+from .progressive import ProgressiveAdapterModel
 from .stats import count_params, gate_states, layer_scores, sparsity_loss, total_params_multiple
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TapsModel", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
+    "TapsModel", "ProgressiveAdapterModel", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gated_weight", "hard_gate",
     "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",

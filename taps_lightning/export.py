@@ -20,6 +20,7 @@ from torch import nn
 from .inject import set_submodule
 
 from .model import TapsModel
+from .progressive import ProgressiveAdapterModel
 
 from .stats import gate_states
 
@@ -51,8 +52,37 @@ def base_fingerprint(model: TapsModel) -> str:
     return h.hexdigest()[:16]
 
 
+def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path) -> Path:
+    tensors, layers = {}, dict(model.lora_layers())
+    for name, key in model.path_adapters(task):
+        tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
+        tensors[f"lora_B.{name}"] = layers[name].lora_B[key].detach()
+    for name, norm in model.task_norms():
+        for k, v in norm.norms[task].state_dict().items():
+            tensors[f"norm.{name}.{k}"] = v.detach()
+    for k, v in model.heads[task].state_dict().items():
+        tensors[f"head.{k}"] = v.detach()
+    metadata = {
+        "format": "progressive-task/1", "task": task, "backbone": model.backbone_name,
+        "num_classes": str(model.heads[task].out_features), "schedule": json.dumps(model.schedule),
+        "groups": json.dumps({str(s): g for s, g in model.groups.items()}),
+        "path": json.dumps(model.path_adapters(task)), "base_fingerprint": base_fingerprint(model),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
 def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
-    """Write ``task``'s active deltas, scores, norms and head to ``path`` (.safetensors)."""
+    """Write ``task``'s active deltas, scores, norms and head to ``path`` (.safetensors).
+
+    For a :class:`ProgressiveAdapterModel`, the file holds the task's path through the shared
+    and task-specific adapters (format ``progressive-task/1``), its norms and head.
+    """
+    if isinstance(model, ProgressiveAdapterModel):
+        if task not in model.heads:
+            raise KeyError(f"unknown task {task!r}; this model has tasks {model.tasks}")
+        return _save_progressive_task(model, task, Path(path))
     model._check_task(task)
     gates = gate_states(model, task)
     tensors: dict[str, torch.Tensor] = {}
@@ -94,6 +124,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
+    if metadata.get("format") == "progressive-task/1":
+        raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS task files only "
+                            "(restore progressive runs from their checkpoint)")
     if metadata.get("format") != FORMAT:
         raise TaskFileError(
             f"{path}: not a TAPS task file (format {metadata.get('format')!r}, expected {FORMAT!r}); "

@@ -6,7 +6,7 @@ and the classifier is removed because each task brings its own head.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 from torch import nn
 
@@ -71,6 +71,7 @@ def inject_taps(
     threshold: float,
     score_init: float,
     exclude: Iterable[str] = (),
+    wrap_layer: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Wrap every gated layer and norm of ``backbone`` in place.
 
@@ -79,10 +80,13 @@ def inject_taps(
         threshold: ``tau``.
         score_init: initial score of new tasks.
         exclude: module names (or name prefixes) left untouched.
+        wrap_layer: the wrapper to put around each Conv/Linear (default: the TAPS layer);
+            other weight adapters (e.g. progressive LoRA adapters) reuse this injection.
 
     Returns:
         ``(gated_names, norm_names)`` in registration order.
     """
+    wrap_layer = wrap_layer or (lambda m: create_taps_layer(m, threshold, score_init))
     excluded = tuple(exclude)
 
     def skip(name: str) -> bool:
@@ -94,7 +98,7 @@ def inject_taps(
         parts = name.split(".")
         if not name or skip(name) or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
             continue
-        if isinstance(module, (TapsLayer, TaskNorm)):
+        if isinstance(module, (TapsLayer, TaskNorm)) or getattr(module, "is_weight_adapter", False):
             raise ValueError(f"{name} is already wrapped by TAPS; wrap an unmodified backbone")
         if isinstance(module, GATED_TYPES):
             gated.append(name)
@@ -103,7 +107,7 @@ def inject_taps(
             norms.append(name)
             wrapped.add(name)
     for name in gated:
-        set_submodule(backbone, name, create_taps_layer(backbone.get_submodule(name), threshold, score_init))
+        set_submodule(backbone, name, wrap_layer(backbone.get_submodule(name)))
     for name in norms:
         set_submodule(backbone, name, TaskNorm(backbone.get_submodule(name)))
     if not gated:

@@ -18,7 +18,21 @@ from torch import Tensor, nn
 
 from .gate import gated_weight
 
-__all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer"]
+__all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def call_with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+    """Run ``layer`` on ``x`` with ``weight`` in place of ``layer.weight``, computed once: the
+    layer's own conv/linear for the plain types, its own ``forward`` (``functional_call``)
+    for subclasses that override it. Every weight-composing adapter here runs through this."""
+    kind = type(layer)
+    if kind in _CONV_TYPES:
+        return layer._conv_forward(x, weight, layer.bias)
+    if kind is nn.Linear:
+        return F.linear(x, weight, layer.bias)
+    return torch.func.functional_call(layer, {"weight": weight}, (x,), strict=False)
 
 
 class TapsLayer(nn.Module):
@@ -111,10 +125,7 @@ class TapsLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._forward_with_weight(x, self._gated_weight())
-
-    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+        return call_with_weight(self.base_layer, x, self._gated_weight())
 
     def __getattr__(self, name: str):
         # Attributes such as ``in_features`` or ``stride`` come from the wrapped layer.
@@ -132,23 +143,14 @@ class TapsLayer(nn.Module):
 class TapsConv(TapsLayer):
     """``nn.Conv1d/2d/3d``: the layer's own ``_conv_forward`` with the gated weight."""
 
-    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
-
 
 class TapsLinear(TapsLayer):
     """``nn.Linear``: ``F.linear`` with the gated weight."""
 
-    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
-
 
 class TapsGeneric(TapsLayer):
     """Subclasses with their own ``forward`` (e.g. timm ``StdConv2d``, ``Conv2dSame``):
-    run that forward with ``weight`` swapped for the gated one."""
-
-    def _forward_with_weight(self, x: Tensor, weight: Tensor) -> Tensor:
-        return torch.func.functional_call(self.base_layer, {"weight": weight}, (x,), strict=False)
+    that forward runs with ``weight`` swapped for the gated one."""
 
 
 _FAST_PATHS: dict[type, type[TapsLayer]] = {
@@ -162,9 +164,13 @@ _FAST_PATHS: dict[type, type[TapsLayer]] = {
 GATED_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def check_gatable(module: nn.Module) -> None:
+    if not isinstance(module, GATED_TYPES):
+        raise TypeError(f"cannot adapt {type(module).__name__}: adapters wrap {', '.join(t.__name__ for t in GATED_TYPES)}")
+
+
 def create_taps_layer(module: nn.Module, threshold: float, score_init: float) -> TapsLayer:
-    """Wrap ``module`` with the fastest wrapper that is exact for its type."""
+    """Wrap ``module`` in the TAPS wrapper for its type."""
+    check_gatable(module)
     cls: type[TapsLayer] = _FAST_PATHS.get(type(module), TapsGeneric)
-    if cls is TapsGeneric and not isinstance(module, GATED_TYPES):
-        raise TypeError(f"cannot gate {type(module).__name__}: TAPS gates {', '.join(t.__name__ for t in GATED_TYPES)}")
     return cls(module, threshold=threshold, score_init=score_init)

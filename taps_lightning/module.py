@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .baselines import MultiHeadModel
 from .factory import create_backbone
 from .model import TapsModel
+from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 from .stats import count_params, sparsity_loss
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES"]
@@ -31,7 +32,7 @@ __all__ = ["TapsModule", "MODES", "TAPS_MODES"]
 #: Modes that learn TAPS gates.
 TAPS_MODES = ("incremental", "joint", "memory_efficient")
 #: Every mode: TAPS ones and the paper's baselines.
-MODES = TAPS_MODES + ("finetune", "linear", "joint_finetune")
+MODES = TAPS_MODES + ("finetune", "linear", "joint_finetune", "progressive")
 
 
 def _sha256(path: str) -> str:
@@ -52,7 +53,8 @@ class TapsModule(L.LightningModule):
             ``joint`` (Eq. 4: base trained with all tasks), ``memory_efficient`` (Sec. 3.3: the
             base and task heads/norms trained jointly for ``joint_epochs``, then incremental
             TAPS on that base), ``finetune`` (a full copy per task), ``linear`` (frozen
-            feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads).
+            feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads),
+            ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity).
         lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|``.
         threshold: ``tau``.
         score_init: initial layer score (above ``tau``: every layer starts task-specific).
@@ -68,6 +70,12 @@ class TapsModule(L.LightningModule):
         weights: local weights file for the backbone (see ``taps_lightning.load_weights``).
         weights_sha256: expected SHA-256 of ``weights``; a different file is refused.
         timm_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": 64}``).
+        adapter_rank: progressive mode: LoRA rank.
+        num_stages: progressive mode: stages the adapted layers are split into.
+        adapter_schedule: progressive mode: adapters per stage (default 1, 2, 4, ..., n_tasks).
+        similarity_epochs: progressive mode: warm-up epochs with all adapters shared; task
+            gradients are collected during the last of them and tasks grouped at its end.
+        similarity_batches: progressive mode: batches whose gradients measure task similarity.
     """
 
     def __init__(
@@ -90,6 +98,11 @@ class TapsModule(L.LightningModule):
         weights: str | None = None,
         weights_sha256: str | None = None,
         timm_kwargs: dict[str, Any] | None = None,
+        adapter_rank: int = 8,
+        num_stages: int = 4,
+        adapter_schedule: list[int] | None = None,
+        similarity_epochs: int = 1,
+        similarity_batches: int = 8,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -105,7 +118,12 @@ class TapsModule(L.LightningModule):
         net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
         self.backbone_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in net.modules())
         self.tasks = dict(tasks)
-        if mode in TAPS_MODES:
+        if mode == "progressive":
+            if similarity_epochs < 1:
+                raise ValueError("progressive mode needs similarity_epochs >= 1 (the shared warm-up)")
+            self.model = ProgressiveAdapterModel(net, self.tasks, rank=adapter_rank, num_stages=num_stages,
+                                                 schedule=adapter_schedule, backbone_name=backbone)
+        elif mode in TAPS_MODES:
             self.model = TapsModel(net, tasks=self.tasks, threshold=threshold, score_init=score_init,
                                    freeze_base=mode != "joint", backbone_name=backbone)
         else:
@@ -113,6 +131,9 @@ class TapsModule(L.LightningModule):
                                         train_backbone=mode != "linear", backbone_name=backbone)
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
+        self._task_grads: dict[str, list[Tensor]] = {}
+        self.similarity: dict[int, Tensor] = {}
+        self.grouping_epoch: int | None = None
 
     def _metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({t: MulticlassAccuracy(num_classes=n, average="micro") for t, n in self.tasks.items()})
@@ -182,6 +203,8 @@ class TapsModule(L.LightningModule):
                 f"task(s) {bad}: {[losses[t].item() for t in bad]}. Lower --model.lr, check the data of that task, "
                 "or use --trainer.precision 32-true"
             )
+        if self._collecting_similarity(batch_idx):
+            self._collect_task_gradients(losses)
         total = stacked.sum()
         bs = sum(len(y) for _, y in batch.values())
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
@@ -194,6 +217,46 @@ class TapsModule(L.LightningModule):
                      sync_dist=True)
             self.log("train/lam", lam, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return total
+
+    # -- progressive adapters: task similarity from gradients -------------------------------
+    def _collecting_similarity(self, batch_idx: int) -> bool:
+        return (self.hparams.mode == "progressive" and not self.model.grouped
+                and self.current_epoch == self.hparams.similarity_epochs - 1
+                and batch_idx < self.hparams.similarity_batches)
+
+    def _collect_task_gradients(self, losses: dict[str, Tensor]) -> None:
+        """Add each task's gradient w.r.t. every stage's shared adapter (one vector per stage)."""
+        params = [self.model.stage_parameters(s) for s in range(self.model.num_stages)]
+        flat = [p for ps in params for p in ps]
+        for task, loss in losses.items():
+            grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat)]
+            vectors, i = [], 0
+            for ps in params:
+                vectors.append(torch.cat([g.reshape(-1) for g in grads[i:i + len(ps)]]).detach().float())
+                i += len(ps)
+            acc = self._task_grads.setdefault(task, [torch.zeros_like(v) for v in vectors])
+            for a, v in zip(acc, vectors):
+                a += v
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.mode != "progressive" or self.model.grouped or not self._task_grads:
+            return
+        if self.current_epoch != self.hparams.similarity_epochs - 1:
+            return
+        tasks = self.model.tasks
+        groups = {}
+        for stage in range(self.model.num_stages):
+            vectors = torch.stack([self._task_grads[t][stage] for t in tasks])
+            vectors = self.trainer.strategy.reduce(vectors, reduce_op="sum")  # all ranks' batches
+            self.similarity[stage] = cosine_similarity_matrix(vectors).cpu()
+            clusters, _ = group_tasks(self.similarity[stage], self.model.schedule[stage])
+            groups[stage] = [[tasks[i] for i in c] for c in clusters]
+        self.model.assign(groups)
+        self.grouping_epoch = self.current_epoch
+        self._task_grads.clear()
+        rank_zero_info("TAPS | progressive adapters grouped: " + "; ".join(
+            f"stage {s}: {' | '.join(','.join(g) for g in gs)}" for s, gs in groups.items()))
 
     def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
         x, y = batch
@@ -235,6 +298,8 @@ class TapsModule(L.LightningModule):
     # -- costs -----------------------------------------------------------------------------
     def task_cost(self, task: str) -> dict[str, float]:
         """``active_layers``, ``gated_layers``, ``task_params``, ``base_params``, ``fraction`` in every mode."""
+        if isinstance(self.model, ProgressiveAdapterModel):
+            return self.model.count_params(task)
         if isinstance(self.model, TapsModel):
             cost = count_params(self.model, task)
             if self.hparams.mode == "memory_efficient" and self.current_epoch < self.taps_start_epoch():

@@ -45,6 +45,8 @@ def count_params(model: TapsModel, task: str) -> dict[str, float]:
     Scores (one scalar per layer) and norm running statistics are buffers of negligible
     size and are not counted, as in the paper.
     """
+    if not isinstance(model, TapsModel) and hasattr(model, "count_params"):
+        return model.count_params(task)  # e.g. ProgressiveAdapterModel: same keys
     gates = gate_states(model, task)
     layers = dict(model.taps_layers())
     delta_params = sum(layers[name].base_layer.weight.numel() for name, on in gates.items() if on)
@@ -66,5 +68,7 @@ def count_params(model: TapsModel, task: str) -> dict[str, float]:
 def total_params_multiple(model: TapsModel) -> float:
     """Base plus every task's task-specific parameters, in units of one backbone (the
     paper's "Params" column, e.g. ``4.12x``)."""
+    if not isinstance(model, TapsModel) and hasattr(model, "trainable_param_count"):
+        return (model.base_param_count + model.trainable_param_count()) / model.base_param_count
     extra = sum(count_params(model, task)["task_params"] for task in model.tasks)
     return (model.base_param_count + extra) / model.base_param_count

@@ -1,0 +1,266 @@
+"""Progressive task-specific adapters (Gangwar et al., 2025), beside TAPS on the same machinery.
+
+Low-rank adapters (LoRA, ``B @ A`` with ``B = 0`` at the start, so training begins from the
+pre-trained function) sit on the layers TAPS gates, injected by the same
+:func:`~taps_lightning.inject.inject_taps`. The gated layers are split into stages; in the
+first stage every task shares one adapter, in the last each has its own, and in between the
+number of adapters grows by a schedule (default ``1 -> 2 -> 4 -> ... -> n_tasks``). Which tasks
+share is decided from data: after a warm-up in which all adapters are shared, each task's
+gradient with respect to a stage's shared adapter is collected over a few batches, the
+pairwise cosine similarities are computed and tasks are grouped by agglomerative clustering
+(average linkage; the most similar tasks share). The backbone stays frozen; norms and heads
+are per task, as in TAPS.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .inject import inject_taps, strip_classifier
+from .layers import call_with_weight, check_gatable
+from .norms import TaskNorm
+
+__all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_stages",
+           "cosine_similarity_matrix", "group_tasks"]
+
+
+class LoRALayer(nn.Module):
+    """A frozen ``base_layer`` plus low-rank weight deltas ``B @ A * alpha / rank``, one per adapter;
+    each task is routed to one adapter (``adapter_of``)."""
+
+    is_weight_adapter = True
+
+    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float | None = None) -> None:
+        super().__init__()
+        check_gatable(base_layer)
+        self.base_layer = base_layer
+        self.rank = int(rank)
+        self.scaling = float(alpha if alpha is not None else rank) / self.rank
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.adapter_of: dict[str, str] = {}
+        self.active_task: str | None = None
+
+    def add_adapter(self, key: str) -> None:
+        weight = self.base_layer.weight
+        fan_in = weight[0].numel()
+        a = torch.empty(self.rank, fan_in, device=weight.device, dtype=weight.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[key] = nn.Parameter(a)
+        self.lora_B[key] = nn.Parameter(torch.zeros(weight.shape[0], self.rank, device=weight.device, dtype=weight.dtype))
+
+    def delta_weight(self, key: str) -> Tensor:
+        return (self.lora_B[key] @ self.lora_A[key]).view_as(self.base_layer.weight) * self.scaling
+
+    @property
+    def weight(self) -> Tensor:
+        key = self.adapter_of.get(self.active_task) if self.active_task is not None else None
+        base = self.base_layer.weight
+        return base if key is None else base + self.delta_weight(key)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return call_with_weight(self.base_layer, x, self.weight)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
+def default_schedule(num_tasks: int, num_stages: int) -> list[int]:
+    """Adapters per stage: 1, 2, 4, ... (capped at ``num_tasks``) and ``num_tasks`` in the last stage."""
+    if num_stages < 1:
+        raise ValueError("num_stages must be >= 1")
+    return [min(num_tasks, 2 ** s) for s in range(num_stages - 1)] + [num_tasks]
+
+
+def assign_stages(backbone: nn.Module, names: Sequence[str], num_stages: int) -> list[int]:
+    """Stage of each gated layer: timm's ``feature_info`` blocks split evenly into ``num_stages``
+    (layers before the first block go to stage 0, after the last to the last stage); without
+    ``feature_info``, the layers themselves are split evenly in order."""
+    info = getattr(backbone, "feature_info", None)
+    modules = [f["module"] for f in info] if isinstance(info, list) and info else []
+    if not modules:
+        return [min(num_stages - 1, i * num_stages // len(names)) for i in range(len(names))]
+    current, blocks = 0, []
+    for name in names:
+        for i, module in enumerate(modules):
+            if name == module or name.startswith(module + "."):
+                current = i
+                break
+        blocks.append(current)
+    return [min(num_stages - 1, b * num_stages // len(modules)) for b in blocks]
+
+
+def cosine_similarity_matrix(vectors: Tensor) -> Tensor:
+    """``[n, n]`` cosine similarities of the rows of ``vectors`` (``[n, d]``)."""
+    unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return unit @ unit.T
+
+
+def group_tasks(similarity: Tensor, num_groups: int) -> tuple[list[list[int]], list[tuple[list[int], list[int], float]]]:
+    """Agglomerative clustering (average linkage) of tasks into ``num_groups`` groups.
+
+    Returns the groups (sorted lists of task indices, ordered by their first task) and the
+    merges made, ``(group, group, average similarity)``, most similar first: the tree.
+    """
+    n = similarity.shape[0]
+    if not 1 <= num_groups <= n:
+        raise ValueError(f"cannot make {num_groups} groups of {n} tasks")
+    sim = similarity.double()
+    clusters = [[i] for i in range(n)]
+    merges = []
+    while len(clusters) > num_groups:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                link = float(sim[clusters[a]][:, clusters[b]].mean())
+                if best is None or link > best[0]:
+                    best = (link, a, b)
+        link, a, b = best
+        merges.append((list(clusters[a]), list(clusters[b]), link))
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        del clusters[b]
+    return sorted(clusters), merges
+
+
+class ProgressiveAdapterModel(nn.Module):
+    """A frozen backbone with progressively task-specific LoRA adapters, task norms and heads.
+
+    Args:
+        backbone: timm/torchvision classifier (classifier removed) or feature extractor.
+        tasks: ``{task: num_classes}``.
+        rank: LoRA rank; ``alpha`` scales the update (``alpha / rank``; default 1).
+        num_stages: stages the gated layers are split into.
+        schedule: adapters per stage (default :func:`default_schedule`).
+    """
+
+    def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], rank: int = 8, alpha: float | None = None,
+                 num_stages: int = 4, schedule: Sequence[int] | None = None, backbone_name: str | None = None) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("progressive adapters need at least one task")
+        self.head_path, self.num_features = strip_classifier(backbone)
+        self.backbone_name = backbone_name or type(backbone).__name__
+        self.base_param_count = sum(p.numel() for p in backbone.parameters())
+        self.gated_names, self.norm_names = inject_taps(backbone, 0.1, 0.15,
+                                                        wrap_layer=lambda m: LoRALayer(m, rank, alpha))
+        self.backbone = backbone
+        self.task_list = list(tasks)
+        self.schedule = list(schedule) if schedule else default_schedule(len(tasks), num_stages)
+        if len(self.schedule) != num_stages or any(not 1 <= k <= len(tasks) for k in self.schedule):
+            raise ValueError(f"schedule {self.schedule} must give, for each of the {num_stages} stages, "
+                             f"a number of adapters between 1 and {len(tasks)}")
+        self.stage_of = dict(zip(self.gated_names, assign_stages(backbone, self.gated_names, num_stages)))
+        backbone.requires_grad_(False)
+        for name, layer in self.lora_layers():
+            for k in range(self.schedule[self.stage_of[name]]):
+                layer.add_adapter(str(k))
+        for _, norm in self.task_norms():
+            for task in self.task_list:
+                norm.add_task(task)
+        self.heads = nn.ModuleDict({t: nn.Linear(self.num_features, int(n)) for t, n in tasks.items()})
+        self.grouped = False
+        self.groups: dict[int, list[list[str]]] = {}
+        self.assign({s: [self.task_list] for s in range(num_stages)}, copy_from_shared=False)
+        self.grouped = False
+        self.active_task = None
+        self.set_task(self.task_list[0])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.task_list)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.schedule)
+
+    def lora_layers(self):
+        for name in self.gated_names:
+            yield name, self.backbone.get_submodule(name)
+
+    def task_norms(self):
+        for name in self.norm_names:
+            yield name, self.backbone.get_submodule(name)
+
+    def shared_parameters(self):
+        """The frozen backbone's own weights (no adapters, task norms or norm templates)."""
+        skip = (".lora_A.", ".lora_B.", ".norms.", ".base_norm.")
+        for name, p in self.backbone.named_parameters():
+            if not any(s in f".{name}" for s in skip):
+                yield p
+
+    def stage_parameters(self, stage: int, key: str = "0") -> list[nn.Parameter]:
+        """The parameters of adapter ``key`` in every layer of ``stage``."""
+        return [p for name, layer in self.lora_layers() if self.stage_of[name] == stage
+                for p in (layer.lora_A[key], layer.lora_B[key])]
+
+    def assign(self, groups: Mapping[int, Sequence[Sequence[str]]], copy_from_shared: bool = True) -> None:
+        """Route tasks: in ``stage``, the tasks of ``groups[stage][g]`` use adapter ``g``.
+        ``copy_from_shared`` starts every new adapter from the shared (warm-up) adapter 0."""
+        for stage, stage_groups in groups.items():
+            if len(stage_groups) > self.schedule[stage]:
+                raise ValueError(f"stage {stage} has {self.schedule[stage]} adapters, not {len(stage_groups)}")
+            self.groups[stage] = [list(g) for g in stage_groups]
+            for name, layer in self.lora_layers():
+                if self.stage_of[name] != stage:
+                    continue
+                for g, members in enumerate(stage_groups):
+                    for task in members:
+                        layer.adapter_of[task] = str(g)
+                    if copy_from_shared and g > 0:
+                        with torch.no_grad():
+                            layer.lora_A[str(g)].copy_(layer.lora_A["0"])
+                            layer.lora_B[str(g)].copy_(layer.lora_B["0"])
+        self.grouped = True
+
+    def set_task(self, task: str) -> None:
+        if task not in self.heads:
+            raise KeyError(f"unknown task {task!r}; this model has tasks {self.tasks}")
+        self.active_task = task
+        for _, layer in self.lora_layers():
+            layer.active_task = task
+        for _, norm in self.task_norms():
+            norm.active_task = task
+
+    def forward(self, x: Tensor, task: str | None = None) -> Tensor:
+        if task is not None and task != self.active_task:
+            self.set_task(task)
+        return self.heads[self.active_task](self.backbone(x))
+
+    # -- the grouping is part of the state (checkpoints, resume) ----------------------------
+    def get_extra_state(self) -> dict:
+        return {"grouped": self.grouped, "groups": {str(s): g for s, g in self.groups.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.assign({int(s): g for s, g in state["groups"].items()}, copy_from_shared=False)
+        self.grouped = bool(state["grouped"])
+
+    # -- costs ----------------------------------------------------------------------------
+    def path_adapters(self, task: str) -> list[tuple[str, str]]:
+        """``(layer, adapter)`` on ``task``'s path."""
+        return [(name, layer.adapter_of[task]) for name, layer in self.lora_layers()]
+
+    def count_params(self, task: str) -> dict[str, float]:
+        """As :func:`taps_lightning.count_params`: ``delta_params`` are the adapters on the
+        task's path (shared ones included: the task needs them to run)."""
+        layers = dict(self.lora_layers())
+        delta = sum(layers[n].lora_A[k].numel() + layers[n].lora_B[k].numel() for n, k in self.path_adapters(task))
+        norm = sum(p.numel() for _, n in self.task_norms() for p in n.norms[task].parameters())
+        head = sum(p.numel() for p in self.heads[task].parameters())
+        own = sum(1 for n, k in self.path_adapters(task)
+                  if sum(1 for t in self.tasks if layers[n].adapter_of[t] == k) == 1)
+        total = delta + norm + head
+        return {"active_layers": own, "gated_layers": len(layers), "delta_params": delta, "norm_params": norm,
+                "head_params": head, "task_params": total, "base_params": self.base_param_count,
+                "fraction": total / self.base_param_count}
+
+    def trainable_param_count(self) -> int:
+        """Every adapter, norm and head once: what the whole multi-task model adds to the base."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
