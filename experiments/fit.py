@@ -74,6 +74,11 @@ class TapsCLI(LightningCLI):
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
+        if cfg.trainer.strategy == "ddp" and cfg.model.mode in ("memory_efficient", "progressive"):
+            # these modes leave some parameters out of the graph in some epochs (deltas during the
+            # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that
+            cfg.trainer.strategy = "ddp_find_unused_parameters_true"
+            print(f"TAPS | mode {cfg.model.mode}: using strategy ddp_find_unused_parameters_true", file=sys.stderr)
         if cfg.ckpt_path == "last":
             logger = cfg.trainer.logger
             init = logger.init_args if hasattr(logger, "init_args") else None

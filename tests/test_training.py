@@ -188,14 +188,20 @@ def test_cli_default_runs_offline_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_ddp_gloo_two_processes(tmp_path):
+@pytest.mark.parametrize("mode", ["joint", "progressive"])
+def test_cli_ddp_gloo_two_processes(mode, tmp_path):
     args = QUICK + ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                    "--model.backbone", "test_resnet", "--model.weights", "null", "--model.mode", "joint",
+                    "--model.backbone", "test_resnet", "--model.weights", "null", "--model.mode", mode,
                     "--data.tasks", "[mnist, sketch]"]
+    if mode == "progressive":
+        args[1] = "2"  # a warm-up epoch, then grouped adapters
+        args += ["--model.num_stages", "2", "--model.similarity_batches", "1"]
     result = _run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "x2" in out and "| sketch |" in out
+    if mode == "progressive":
+        assert "ddp_find_unused_parameters_true" in out and "progressive adapters grouped" in out
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
