@@ -28,9 +28,9 @@ VARIANTS = [
     ("TAPS incremental, lambda=0.75", ["--model.mode", "incremental", "--model.lam", "0.75"]),
     ("TAPS joint, lambda=0.5", ["--model.mode", "joint", "--model.lam", "0.5"]),
     ("TAPS memory-efficient, lambda=0.5", ["--model.mode", "memory_efficient", "--model.lam", "0.5",
-                                           "--model.joint_epochs", "2"]),
+                                           "--model.joint_epochs", "2", "--model.sparsity_warmup_epochs", "0"]),
     ("Joint fine-tuning", ["--model.mode", "joint_finetune"]),
-    ("Progressive adapters (rank 8)", ["--model.mode", "progressive", "--model.lr", "0.05"]),
+    ("Progressive adapters (rank 8)", ["--model.mode", "progressive"]),
 ]
 QUICK = ["--trainer.max_epochs", "1", "--data.init_args.max_train_per_task", "32", "--trainer.limit_val_batches", "1",
          "--trainer.limit_test_batches", "1", "--model.joint_epochs", "0"]
