@@ -52,16 +52,19 @@ def base_fingerprint(model: TapsModel) -> str:
     return h.hexdigest()[:16]
 
 
+def _norm_and_head_tensors(model, task: str) -> dict[str, torch.Tensor]:
+    """``norm.<layer>.<key>`` and ``head.<key>``: what every kind of task file stores."""
+    tensors = {f"norm.{name}.{k}": v.detach() for name, norm in model.task_norms()
+               for k, v in norm.norms[task].state_dict().items()}
+    tensors.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
+    return tensors
+
+
 def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path) -> Path:
-    tensors, layers = {}, dict(model.lora_layers())
+    tensors, layers = _norm_and_head_tensors(model, task), dict(model.lora_layers())
     for name, key in model.path_adapters(task):
         tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
         tensors[f"lora_B.{name}"] = layers[name].lora_B[key].detach()
-    for name, norm in model.task_norms():
-        for k, v in norm.norms[task].state_dict().items():
-            tensors[f"norm.{name}.{k}"] = v.detach()
-    for k, v in model.heads[task].state_dict().items():
-        tensors[f"head.{k}"] = v.detach()
     metadata = {
         "format": "progressive-task/1", "task": task, "backbone": model.backbone_name,
         "num_classes": str(model.heads[task].out_features), "schedule": json.dumps(model.schedule),
@@ -85,16 +88,11 @@ def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
         return _save_progressive_task(model, task, Path(path))
     model._check_task(task)
     gates = gate_states(model, task)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = _norm_and_head_tensors(model, task)
     for name, layer in model.taps_layers():
         tensors[f"score.{name}"] = layer.taps_score[task].detach().reshape(1)
         if gates[name]:
             tensors[f"delta.{name}"] = layer.taps_delta[task].detach()
-    for name, norm in model.task_norms():
-        for key, value in norm.norms[task].state_dict().items():
-            tensors[f"norm.{name}.{key}"] = value.detach()
-    for key, value in model.heads[task].state_dict().items():
-        tensors[f"head.{key}"] = value.detach()
     metadata = {
         "format": FORMAT,
         "task": task,

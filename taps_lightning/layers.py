@@ -35,6 +35,17 @@ def call_with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     return torch.func.functional_call(layer, {"weight": weight}, (x,), strict=False)
 
 
+def base_layer_getattr(self: nn.Module, name: str):
+    """``__getattr__`` of weight wrappers: attributes such as ``in_features`` or ``stride``
+    that the wrapper lacks come from the wrapped ``base_layer``."""
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        if name == "base_layer":
+            raise
+        return getattr(self._modules["base_layer"], name)
+
+
 class TapsLayer(nn.Module):
     """Shared ``base_layer`` plus, per task, a weight delta and a scalar score.
 
@@ -127,14 +138,7 @@ class TapsLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return call_with_weight(self.base_layer, x, self._gated_weight())
 
-    def __getattr__(self, name: str):
-        # Attributes such as ``in_features`` or ``stride`` come from the wrapped layer.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
+    __getattr__ = base_layer_getattr
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, tasks={self.tasks}, active_task={self.active_task}"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .inject import inject_taps, strip_classifier
-from .layers import call_with_weight, check_gatable
+from .layers import base_layer_getattr, call_with_weight, check_gatable
 from .norms import TaskNorm
 
 __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_stages",
@@ -64,13 +64,7 @@ class LoRALayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return call_with_weight(self.base_layer, x, self.weight)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
+    __getattr__ = base_layer_getattr
 
 
 def default_schedule(num_tasks: int, num_stages: int) -> list[int]:
