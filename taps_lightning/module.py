@@ -35,6 +35,14 @@ TAPS_MODES = ("incremental", "joint", "memory_efficient")
 MODES = TAPS_MODES + ("finetune", "linear", "joint_finetune", "progressive")
 
 
+def cosine_restart(step: int, boundary: int, total: int) -> float:
+    """Cosine decay from 1 to 0 over ``[0, boundary)`` and again over ``[boundary, total)``
+    (one plain cycle when ``boundary`` is 0)."""
+    start, end = (0, boundary) if step < boundary else (boundary, total)
+    length = max(1, end - start)
+    return 0.5 * (1 + math.cos(math.pi * min(step - start, length) / length))
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -330,8 +338,11 @@ class TapsModule(L.LightningModule):
         if hp.scheduler == "none":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        boundary = 0
+        if hp.mode == "memory_efficient" and self.trainer.max_epochs:
+            # the TAPS phase is a run of its own on the jointly trained base: its own cosine cycle
+            boundary = min(total, total * self.taps_start_epoch() // self.trainer.max_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_restart(step, boundary, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints -----------------------------------------------------------------------

@@ -211,3 +211,13 @@ def test_every_config_resolves(config):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(ROOT / "configs" / config), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def test_cosine_schedule_restarts_for_the_taps_phase():
+    from taps_lightning.module import cosine_restart
+
+    assert cosine_restart(0, 0, 100) == 1.0 and cosine_restart(50, 0, 100) == pytest.approx(0.5)
+    assert cosine_restart(100, 0, 100) == pytest.approx(0.0)
+    assert cosine_restart(20, 40, 100) == pytest.approx(0.5)  # middle of the joint phase
+    assert cosine_restart(40, 40, 100) == 1.0  # the TAPS phase starts at the full rate
+    assert cosine_restart(70, 40, 100) == pytest.approx(0.5)
