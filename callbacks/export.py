@@ -1,7 +1,6 @@
 """``TaskExport``: write each task's adapter (``save_task``) next to the checkpoints."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -42,7 +41,3 @@ class TaskExport(L.Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._export(trainer, pl_module, "tested weights")
-
-
-def file_mb(path: str | os.PathLike) -> float:
-    return os.path.getsize(path) / 2**20

@@ -169,9 +169,12 @@ class TapsModule(L.LightningModule):
         return self.hparams.lam
 
     # -- Lightning hooks -------------------------------------------------------------------
+    def _datamodule(self):
+        """The attached trainer's DataModule, if any."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(dm, "num_classes", None)
+        data_classes = getattr(self._datamodule(), "num_classes", None)
         if data_classes is not None and dict(data_classes) != self.tasks:
             raise ValueError(
                 f"the model's tasks {self.tasks} disagree with the data's {dict(data_classes)}; "
@@ -273,8 +276,7 @@ class TapsModule(L.LightningModule):
 
     def eval_tasks(self) -> list[str]:
         """Task of each validation/test dataloader, in order."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return list(getattr(dm, "tasks", None) or self.tasks)
+        return list(getattr(self._datamodule(), "tasks", None) or self.tasks)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(self.val_acc, batch, dataloader_idx)
