@@ -1,10 +1,13 @@
 """``python -m experiments.bench``: TAPS speed against plain fine-tuning, measured in one process.
 
-Same model, batch, resolution, precision and thread count for both sides; warm-up excluded;
+Same model, batch, resolution, precision and thread count for every side; warm-up excluded;
 the median and min-max of several repeats. Prints a table and writes a JSON file.
-Ratios: training step time and peak training memory TAPS / fine-tuning (lower is better);
-inference throughput of the gated and the merged model / the plain timm model (higher is
-better); bytes of one ``save_task`` file / a full model file.
+Ratios: training step time and peak training memory TAPS / fine-tuning (lower is better),
+for TAPS as shipped (gated weight rebuilt in backward) and with ``recompute_weight=False``
+(gated weight saved from forward); the memory floor ``1 + base weight bytes / fine-tuning
+peak`` (TAPS must hold the frozen base beside the task weights); inference throughput of the
+gated and the merged model / the plain timm model (higher is better); bytes of one
+``save_task`` file / a full model file.
 """
 from __future__ import annotations
 
@@ -32,15 +35,22 @@ def _once(fn) -> float:
     return time.perf_counter() - t
 
 
-def _paired(a, b, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Time ``a`` and ``b`` alternately (A B A B ...) so drifts in machine speed hit both."""
+def _interleaved(fns, repeats: int, warmup: int) -> list[list[float]]:
+    """Time ``fns`` in turn (A B C A B C ...) so drifts in machine speed hit all of them."""
     for _ in range(warmup):
-        a(); b()
-    ta, tb = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        ta.append(_once(a))
-        tb.append(_once(b))
-    return ta, tb
+        for fn, t in zip(fns, times):
+            t.append(_once(fn))
+    return times
+
+
+def _ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median, min and max of the per-round ratios ``num / den``."""
+    r = [a / b for a, b in zip(num, den)]
+    return statistics.median(r), min(r), max(r)
 
 
 def _train_step(model, params, x, y, dtype):
@@ -93,31 +103,49 @@ def peak_training_bytes(step) -> int:
     return static + peak
 
 
-def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype) -> dict:
+def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,
+          memory_only: bool = False) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     kwargs = {"img_size": size} if arch.startswith("vit") else {}
     plain = timm.create_model(arch, num_classes=10, **kwargs).to(device)
-    taps = tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10}).to(device)
-    res = {"arch": arch, "batch": batch, "size": size}
-    tp, ft = _paired(_train_step(taps, [p for p in taps.parameters() if p.requires_grad], x, y, dtype),
-                     _train_step(plain, list(plain.parameters()), x, y, dtype), repeats, warmup)
-    res["train_step_ratio"] = statistics.median(a / b for a, b in zip(tp, ft))
-    res["train_step_ms"] = {"taps": 1e3 * statistics.median(tp), "finetune": 1e3 * statistics.median(ft)}
-    taps_step = _train_step(taps, [p for p in taps.parameters() if p.requires_grad], x, y, dtype)
-    ft_step = _train_step(plain, list(plain.parameters()), x, y, dtype)
-    taps_step(); ft_step()  # optimizer state exists, as in a running job
-    res["peak_bytes"] = {"taps": peak_training_bytes(taps_step), "finetune": peak_training_bytes(ft_step)}
-    res["memory_ratio"] = res["peak_bytes"]["taps"] / res["peak_bytes"]["finetune"]
+    variants = {  # TAPS as shipped, and with the gated weight saved for backward instead
+        "taps": tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10}).to(device),
+        "taps_saved_weight": tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10},
+                                          recompute_weight=False).to(device),
+    }
+    res: dict = {"arch": arch, "batch": batch, "size": size, "precision": str(dtype or "fp32"),
+                 "threads": torch.get_num_threads()}
+    steps = {name: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype)
+             for name, m in variants.items()}
+    steps["finetune"] = _train_step(plain, list(plain.parameters()), x, y, dtype)
+    for step in steps.values():
+        step()  # optimizer state exists, as in a running job
+    res["peak_bytes"] = {name: peak_training_bytes(step) for name, step in steps.items()}
+    base_bytes = _tensor_bytes(list(variants["taps"].shared_parameters()))
+    res["memory_floor"] = 1 + base_bytes / res["peak_bytes"]["finetune"]
+    for name in variants:
+        res[f"memory_ratio_{name}"] = res["peak_bytes"][name] / res["peak_bytes"]["finetune"]
+    res["memory_ratio"] = res["memory_ratio_taps"]
+    if memory_only:
+        return res
+    names = list(steps)
+    times = dict(zip(names, _interleaved([steps[n] for n in names], repeats, warmup)))
+    res["train_step_ms"] = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    res["spread"] = {}
+    for name in variants:
+        med, lo, hi = _ratio(times[name], times["finetune"])
+        res[f"train_step_ratio_{name}"] = med
+        res["spread"][f"train_step_ratio_{name}"] = [lo, hi]
+    res["train_step_ratio"] = res["train_step_ratio_taps"]
+    taps = variants["taps"]
     plain.eval(); taps.eval()
     merged = tl.merge(taps, "t").to(device).eval()
-    with torch.no_grad():
-        g, p = _paired(lambda: taps(x), lambda: plain(x), repeats, warmup)
-        m, p2 = _paired(lambda: merged(x), lambda: plain(x), repeats, warmup)
-    res["gated_inference_throughput_ratio"] = statistics.median(a / b for a, b in zip(p, g))
-    res["merged_inference_throughput_ratio"] = statistics.median(a / b for a, b in zip(p2, m))
-    res["spread"] = {"train_step_ratio": [min(a / b for a, b in zip(tp, ft)), max(a / b for a, b in zip(tp, ft))]}
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        g, m, p = _interleaved([lambda: taps(x), lambda: merged(x), lambda: plain(x)], repeats, warmup)
+    res["gated_inference_throughput_ratio"] = _ratio(p, g)[0]
+    res["merged_inference_throughput_ratio"] = _ratio(p, m)[0]
     with tempfile.TemporaryDirectory() as tmp:
         task_file = tl.save_task(taps, "t", os.path.join(tmp, "t.safetensors"))
         full = os.path.join(tmp, "full.pt")
@@ -132,21 +160,31 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--archs", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on GPU, 8 on CPU")
     parser.add_argument("--size", type=int, default=None, help="default: 224 on GPU, 128 on CPU")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                        help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else None
+    precision = args.precision or ("bf16" if device == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else None
     batch = args.batch or (32 if device == "cuda" else 8)
     size = args.size or (224 if device == "cuda" else 128)
-    rows = [bench(a, batch, size, args.repeats, args.warmup, device, dtype) for a in args.archs]
-    print(f"device={device} threads={torch.get_num_threads()} batch={batch} size={size} precision={dtype or 'fp32'}")
-    print("| arch | train step TAPS/FT | peak memory TAPS/FT | gated infer. | merged infer. | stored bytes | count_params fraction |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [bench(a, batch, size, args.repeats, args.warmup, device, dtype, args.memory_only) for a in args.archs]
+    print(f"device={device} threads={torch.get_num_threads()} batch={batch} size={size} precision={precision}")
+    print("| arch | train step TAPS/FT | (saved weight) | peak memory TAPS/FT | (saved weight) | floor: 1 + base/FT | "
+          "gated infer. | merged infer. | stored bytes | count_params fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def fmt(r, key):
+        return f"{r[key]:.3f}" if key in r else "-"
     for r in rows:
-        print(f"| {r['arch']} | {r['train_step_ratio']:.3f} | {r['memory_ratio']:.3f} | {r['gated_inference_throughput_ratio']:.3f} | "
-              f"{r['merged_inference_throughput_ratio']:.3f} | {r['stored_bytes_ratio']:.3f} | {r['count_params_fraction']:.3f} |")
+        print(f"| {r['arch']} | {fmt(r, 'train_step_ratio_taps')} | {fmt(r, 'train_step_ratio_taps_saved_weight')} | "
+              f"{fmt(r, 'memory_ratio_taps')} | {fmt(r, 'memory_ratio_taps_saved_weight')} | {fmt(r, 'memory_floor')} | "
+              f"{fmt(r, 'gated_inference_throughput_ratio')} | {fmt(r, 'merged_inference_throughput_ratio')} | "
+              f"{fmt(r, 'stored_bytes_ratio')} | {fmt(r, 'count_params_fraction')} |")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     return rows

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import fusable, gated_layer_forward
 from .gate import gated_weight
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
@@ -56,13 +57,19 @@ class TapsLayer(nn.Module):
         base_layer: the layer to adapt (its ``weight`` is the shared base weight).
         threshold: ``tau`` of the paper.
         score_init: initial score of a new task (``>= threshold`` starts the layer active).
+        recompute_weight: in training, rebuild the gated weight in backward instead of keeping
+            it saved from forward (plain Conv/Linear only; see :mod:`taps_lightning.fused`):
+            one weight copy less per active layer for one add more.
     """
 
-    def __init__(self, base_layer: nn.Module, threshold: float = 0.1, score_init: float = 0.15) -> None:
+    def __init__(self, base_layer: nn.Module, threshold: float = 0.1, score_init: float = 0.15,
+                 recompute_weight: bool = True) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.threshold = float(threshold)
         self.score_init = float(score_init)
+        self.recompute_weight = recompute_weight
+        self._fusable = fusable(base_layer)
         self.taps_delta = nn.ParameterDict()
         self.taps_score = nn.ParameterDict()
         self.active_task: str | None = None
@@ -110,9 +117,7 @@ class TapsLayer(nn.Module):
             return base
         delta, score = self.taps_delta[task], self.taps_score[task]
         if self.training or torch.is_grad_enabled():
-            hint = self.gate_hint
-            active = hint[1] if hint is not None and hint[0] == task else self.is_active(task)
-            return gated_weight(base, delta, score, self.threshold, active)
+            return gated_weight(base, delta, score, self.threshold, self._hinted_active(task))
         # Inference: build the merged weight once and reuse it until a tensor changes in place.
         key = (self.threshold, base._version, delta._version, score._version,
                base.data_ptr(), delta.data_ptr(), score.data_ptr(), base.dtype, delta.dtype)
@@ -122,6 +127,10 @@ class TapsLayer(nn.Module):
         merged = base + delta if self.is_active(task) else base
         self._merged_cache[task] = (key, merged)
         return merged
+
+    def _hinted_active(self, task: str) -> bool:
+        hint = self.gate_hint
+        return hint[1] if hint is not None and hint[0] == task else self.is_active(task)
 
     def clear_cache(self) -> None:
         self._merged_cache.clear()
@@ -136,12 +145,18 @@ class TapsLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
+        task = self.active_task
+        if (self.recompute_weight and self._fusable and task is not None and self.taps_enabled
+                and torch.is_grad_enabled()):
+            return gated_layer_forward(self.base_layer, x, self.taps_delta[task], self.taps_score[task],
+                                       self._hinted_active(task))
         return call_with_weight(self.base_layer, x, self._gated_weight())
 
     __getattr__ = base_layer_getattr
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, tasks={self.tasks}, active_task={self.active_task}"
+        return (f"threshold={self.threshold}, tasks={self.tasks}, active_task={self.active_task}, "
+                f"recompute_weight={self.recompute_weight}")
 
 
 class TapsConv(TapsLayer):

@@ -39,6 +39,8 @@ class TapsModel(nn.Module):
         exclude: module names (or prefixes) to leave shared and ungated.
         num_features: feature width, if it cannot be read from the backbone.
         backbone_name: name stored in exported adapters (default: timm architecture or class name).
+        recompute_weight: rebuild each gated weight in backward instead of saving it (less
+            training memory, one add more per active layer); ``False`` keeps it saved.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class TapsModel(nn.Module):
         exclude: Sequence[str] = (),
         num_features: int | None = None,
         backbone_name: str | None = None,
+        recompute_weight: bool = True,
     ) -> None:
         super().__init__()
         self.threshold = float(threshold)
@@ -61,6 +64,8 @@ class TapsModel(nn.Module):
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.gated_names, self.norm_names = inject_taps(backbone, self.threshold, self.score_init, exclude)
         self.backbone = backbone
+        for name in self.gated_names:
+            backbone.get_submodule(name).recompute_weight = recompute_weight
         self.heads = nn.ModuleDict()
         self.active_task: str | None = None
         self._forward_order: list[str] | None = None

@@ -15,7 +15,17 @@ def test_bench_runs_and_reports_every_ratio(tmp_path):
     for key in ("train_step_ratio", "memory_ratio", "gated_inference_throughput_ratio",
                 "merged_inference_throughput_ratio", "stored_bytes_ratio", "count_params_fraction"):
         assert saved[0][key] > 0
-    assert saved[0]["peak_bytes"]["taps"] > saved[0]["peak_bytes"]["finetune"] > 0  # TAPS holds base + delta
+    peak = saved[0]["peak_bytes"]
+    assert peak["taps"] > peak["finetune"] > 0  # TAPS holds base + delta
+    assert peak["taps"] < peak["taps_saved_weight"]  # rebuilding the gated weight saves a weight copy
+    assert saved[0]["memory_floor"] > 1
+
+
+def test_bench_memory_only_in_bf16(tmp_path):
+    rows = bench.main(["--archs", "test_vit", "--batch", "2", "--size", "32", "--precision", "bf16",
+                       "--memory-only", "--out", str(tmp_path / "b.json")])
+    assert rows[0]["precision"] == "torch.bfloat16" and rows[0]["memory_ratio"] > 1
+    assert "train_step_ratio" not in rows[0]
 
 
 @pytest.mark.slow
