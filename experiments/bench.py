@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -103,18 +106,47 @@ def peak_training_bytes(step) -> int:
     return static + peak
 
 
+#: TAPS as shipped (gated weight rebuilt in backward), and with the gated weight saved instead.
+TAPS_VARIANTS = ("taps", "taps_saved_weight")
+
+
+def build(arch: str, side: str, size: int) -> torch.nn.Module:
+    """The plain timm model (``finetune``) or one of :data:`TAPS_VARIANTS` with one 10-class task."""
+    kwargs = {"img_size": size} if arch.startswith("vit") else {}
+    if side == "finetune":
+        return timm.create_model(arch, num_classes=10, **kwargs)
+    return tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10},
+                        recompute_weight=side == "taps")
+
+
+def process_peak_rss(arch: str, side: str, batch: int, size: int, precision: str, steps: int = 3) -> int:
+    """Peak resident set size (bytes) of a fresh process that trains only ``side`` for a few
+    steps: what ``top`` shows, libraries and allocator slack included (CPU only)."""
+    code = ("import sys, experiments.bench as b; "
+            "b._rss_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))")
+    out = subprocess.run([sys.executable, "-c", code, arch, side, str(batch), str(size), precision, str(steps)],
+                         check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_worker(arch: str, side: str, batch: int, size: int, precision: str, steps: int) -> None:
+    torch.manual_seed(0)
+    model = build(arch, side, size)
+    step = _train_step(model, [p for p in model.parameters() if p.requires_grad], torch.randn(batch, 3, size, size),
+                       torch.randint(0, 10, (batch,)), torch.bfloat16 if precision == "bf16" else None)
+    for _ in range(steps):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+
+
 def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,
           memory_only: bool = False) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    kwargs = {"img_size": size} if arch.startswith("vit") else {}
-    plain = timm.create_model(arch, num_classes=10, **kwargs).to(device)
-    variants = {  # TAPS as shipped, and with the gated weight saved for backward instead
-        "taps": tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10}).to(device),
-        "taps_saved_weight": tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10},
-                                          recompute_weight=False).to(device),
-    }
+    plain = build(arch, "finetune", size).to(device)
+    variants = {name: build(arch, name, size).to(device) for name in TAPS_VARIANTS}
     res: dict = {"arch": arch, "batch": batch, "size": size, "precision": str(dtype or "fp32"),
                  "threads": torch.get_num_threads()}
     steps = {name: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype)
@@ -165,6 +197,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing)")
+    parser.add_argument("--process-rss", action="store_true",
+                        help="also train each side alone in a fresh process and compare peak RSS (CPU)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,6 +207,13 @@ def main(argv=None) -> list[dict]:
     batch = args.batch or (32 if device == "cuda" else 8)
     size = args.size or (224 if device == "cuda" else 128)
     rows = [bench(a, batch, size, args.repeats, args.warmup, device, dtype, args.memory_only) for a in args.archs]
+    if args.process_rss:
+        for row in rows:
+            rss = {side: process_peak_rss(row["arch"], side, batch, size, precision)
+                   for side in ("finetune", *TAPS_VARIANTS)}
+            row["process_peak_rss_bytes"] = rss
+            for name in TAPS_VARIANTS:
+                row[f"process_rss_ratio_{name}"] = rss[name] / rss["finetune"]
     print(f"device={device} threads={torch.get_num_threads()} batch={batch} size={size} precision={precision}")
     print("| arch | train step TAPS/FT | (saved weight) | peak memory TAPS/FT | (saved weight) | floor: 1 + base/FT | "
           "gated infer. | merged infer. | stored bytes | count_params fraction |")
@@ -185,6 +226,11 @@ def main(argv=None) -> list[dict]:
               f"{fmt(r, 'memory_ratio_taps')} | {fmt(r, 'memory_ratio_taps_saved_weight')} | {fmt(r, 'memory_floor')} | "
               f"{fmt(r, 'gated_inference_throughput_ratio')} | {fmt(r, 'merged_inference_throughput_ratio')} | "
               f"{fmt(r, 'stored_bytes_ratio')} | {fmt(r, 'count_params_fraction')} |")
+    if args.process_rss:
+        print("\n| arch | process peak RSS TAPS/FT | (saved weight) | FT peak RSS MiB |\n|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['arch']} | {fmt(r, 'process_rss_ratio_taps')} | {fmt(r, 'process_rss_ratio_taps_saved_weight')} | "
+                  f"{r['process_peak_rss_bytes']['finetune'] / 2**20:.0f} |")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     return rows

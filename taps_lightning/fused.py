@@ -17,6 +17,8 @@ fp32 for the score. Double backward is not supported (TAPS training never needs 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,6 +49,13 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or dtype is None else t.to(dtype)
 
 
+def _autocast_off(device: str):
+    """Autocast must not re-cast what is cast here; entering a context only when it is on."""
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _GatedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, delta, score, bias, active, conv, dtype):
@@ -54,13 +63,13 @@ class _GatedLayer(torch.autograd.Function):
         ctx.x_dtype, ctx.score_dtype, ctx.score_shape = x.dtype, score.dtype, score.shape
         x = _cast(x, dtype)
         weight = _cast(base + delta if active else base, dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             if conv is None:
                 out = F.linear(x, weight, _cast(bias, dtype))
             else:
-                stride, padding, dilation, groups = conv
+                stride, padding, dilation, groups, output_padding = conv
                 out = torch.convolution(x, weight, _cast(bias, dtype), stride, padding, dilation,
-                                        False, [0] * len(stride), groups)
+                                        False, output_padding, groups)
         ctx.save_for_backward(x, base, delta, bias)
         return out
 
@@ -73,18 +82,17 @@ class _GatedLayer(torch.autograd.Function):
         # convolution_backward reads the weight's layout even for dL/dw alone (first layers).
         rebuild = need_x or ctx.conv is not None
         weight = _cast(base + delta if ctx.active else base, ctx.dtype) if rebuild else None
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             if ctx.conv is None:
                 grad_x = grad_out @ weight if need_x else None
                 out2d, x2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
                 grad_w = out2d.t() @ x2d if need_w else None
                 grad_b = out2d.sum(0) if need_bias else None
             else:
-                stride, padding, dilation, groups = ctx.conv
-                grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                    grad_out, x, weight,
-                    [bias.shape[0]] if bias is not None else None, stride, padding, dilation, False,
-                    [0] * len(stride), groups, [need_x, need_w, need_bias])
+                stride, padding, dilation, groups, output_padding = ctx.conv
+                grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward.default(
+                    grad_out, x, weight, [bias.shape[0]] if bias is not None else None, stride, padding,
+                    dilation, False, output_padding, groups, [need_x, need_w, need_bias])
         del weight
         grad_x = _cast(grad_x, ctx.x_dtype) if need_x else None
         grad_b = _cast(grad_b, bias.dtype) if need_bias else None
@@ -112,5 +120,5 @@ def gated_layer_forward(layer: nn.Module, x: Tensor, delta: Tensor, score: Tenso
     if layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         padding = (0,) * len(layer.stride)
-    conv = (tuple(layer.stride), tuple(padding), tuple(layer.dilation), layer.groups)
+    conv = (tuple(layer.stride), tuple(padding), tuple(layer.dilation), layer.groups, (0,) * len(layer.stride))
     return _GatedLayer.apply(x, base, delta, score, bias, bool(active), conv, _compute_dtype(x))

@@ -9,7 +9,7 @@ from experiments import bench, reproduce
 def test_bench_runs_and_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--archs", "test_resnet", "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1",
-                       "--out", str(out)])
+                       "--process-rss", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(rows))
     for key in ("train_step_ratio", "memory_ratio", "gated_inference_throughput_ratio",
@@ -19,6 +19,9 @@ def test_bench_runs_and_reports_every_ratio(tmp_path):
     assert peak["taps"] > peak["finetune"] > 0  # TAPS holds base + delta
     assert peak["taps"] < peak["taps_saved_weight"]  # rebuilding the gated weight saves a weight copy
     assert saved[0]["memory_floor"] > 1
+    rss = saved[0]["process_peak_rss_bytes"]
+    assert rss["finetune"] > 50 * 2**20  # a process that imported torch and trained; a fresh one per side
+    assert saved[0]["process_rss_ratio_taps"] == rss["taps"] / rss["finetune"]
 
 
 def test_bench_memory_only_in_bf16(tmp_path):
