@@ -137,7 +137,56 @@ def _rss_worker(arch: str, side: str, batch: int, size: int, precision: str, ste
                        torch.randint(0, 10, (batch,)), torch.bfloat16 if precision == "bf16" else None)
     for _ in range(steps):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    print(_peak_rss())
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes. Linux: ``VmHWM`` (``ru_maxrss`` would carry the
+    parent's peak across fork+exec); elsewhere ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def profile_steps(arch: str, batch: int, size: int, device: str, dtype, steps: int = 4, top: int = 8) -> list[tuple]:
+    """Where the TAPS step spends its extra time: ``(op, fine-tuning ms, TAPS ms)`` per step
+    from ``torch.profiler`` for every operator, largest difference first, then the totals;
+    prints the ``top`` ones."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    sides = ("finetune", "taps")
+    models = {side: build(arch, side, size).to(device) for side in sides}
+    runs = {side: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype) for side, m in models.items()}
+    totals = {side: Counter() for side in sides}
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for side in sides:
+        runs[side](); runs[side]()
+    for _ in range(steps):  # alternate, one step per profile, as the timing does
+        for side in sides:
+            with profile(activities=activities) as prof:
+                runs[side]()
+            for event in prof.key_averages():
+                us = event.self_device_time_total if cuda else event.self_cpu_time_total
+                totals[side][event.key] += us / 1e3 / steps
+    rows = [(key, totals["finetune"][key], totals["taps"][key]) for key in set(totals["finetune"]) | set(totals["taps"])]
+    rows.sort(key=lambda r: -abs(r[2] - r[1]))
+    rows.append(("total", sum(totals["finetune"].values()), sum(totals["taps"].values())))
+    print(f"\n{arch}: self {'GPU' if cuda else 'CPU'} ms per step (torch.profiler, {steps} steps each)\n| op | fine-tuning | TAPS | difference |\n|---|---:|---:|---:|")
+    for key, ft, tp in rows[:top] + rows[-1:]:
+        print(f"| {key[:60]} | {ft:.1f} | {tp:.1f} | {tp - ft:+.1f} |")
+    return rows
 
 
 def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,
@@ -147,7 +196,7 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
     y = torch.randint(0, 10, (batch,), device=device)
     plain = build(arch, "finetune", size).to(device)
     variants = {name: build(arch, name, size).to(device) for name in TAPS_VARIANTS}
-    res: dict = {"arch": arch, "batch": batch, "size": size, "precision": str(dtype or "fp32"),
+    res: dict = {"arch": arch, "batch": batch, "size": size, "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                  "threads": torch.get_num_threads()}
     steps = {name: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype)
              for name, m in variants.items()}
@@ -199,6 +248,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing)")
     parser.add_argument("--process-rss", action="store_true",
                         help="also train each side alone in a fresh process and compare peak RSS (CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the operators that make the TAPS step differ from fine-tuning")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,6 +282,10 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             print(f"| {r['arch']} | {fmt(r, 'process_rss_ratio_taps')} | {fmt(r, 'process_rss_ratio_taps_saved_weight')} | "
                   f"{r['process_peak_rss_bytes']['finetune'] / 2**20:.0f} |")
+    if args.profile:
+        for row in rows:
+            ops = profile_steps(row["arch"], batch, size, device, dtype)
+            row["profile_ms_per_step"] = [list(r) for r in ops[:8] + ops[-1:]]
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=2)
     return rows

@@ -3,10 +3,11 @@
 Why wrappers and not ``torch.nn.utils.parametrize``: parametrize renames state-dict keys
 in a way that depends on registration, has open issues with ``torch.compile`` and DDP, and
 recomputes the parametrization on every ``.weight`` access with no hook to skip it for
-inactive layers. A small wrapper builds the gated weight exactly once per forward, calls
-the wrapped layer's own conv/linear with it (never ``base(x) + conv(x, delta)``, which
-would double the FLOPs), caches the merged weight for inference, and exposes ``.weight``
-as the gated weight so blocks that read ``module.weight`` directly still see TAPS.
+inactive layers. A small wrapper builds the gated weight once per forward (and, with
+``recompute_weight``, once more in backward instead of keeping it), runs the wrapped layer's
+own conv/linear with it (never ``base(x) + conv(x, delta)``, which would double the FLOPs),
+caches the merged weight for inference, and exposes ``.weight`` as the gated weight so
+blocks that read ``module.weight`` directly still see TAPS.
 """
 from __future__ import annotations
 

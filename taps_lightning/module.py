@@ -84,6 +84,9 @@ class TapsModule(L.LightningModule):
         similarity_epochs: progressive mode: warm-up epochs with all adapters shared; task
             gradients are collected during the last of them and tasks grouped at its end.
         similarity_batches: progressive mode: batches whose gradients measure task similarity.
+        recompute_weight: TAPS modes: rebuild each gated weight in backward instead of saving
+            it from forward (less memory, one add more per active layer; see the README's
+            Performance section).
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class TapsModule(L.LightningModule):
         adapter_schedule: list[int] | None = None,
         similarity_epochs: int = 1,
         similarity_batches: int = 8,
+        recompute_weight: bool = True,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -133,7 +137,8 @@ class TapsModule(L.LightningModule):
                                                  schedule=adapter_schedule, backbone_name=backbone)
         elif mode in TAPS_MODES:
             self.model = TapsModel(net, tasks=self.tasks, threshold=threshold, score_init=score_init,
-                                   freeze_base=mode != "joint", backbone_name=backbone)
+                                   freeze_base=mode != "joint", backbone_name=backbone,
+                                   recompute_weight=recompute_weight)
         else:
             self.model = MultiHeadModel(net, self.tasks, copy_per_task=mode == "finetune",
                                         train_backbone=mode != "linear", backbone_name=backbone)

@@ -9,7 +9,7 @@ from experiments import bench, reproduce
 def test_bench_runs_and_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--archs", "test_resnet", "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1",
-                       "--process-rss", "--out", str(out)])
+                       "--process-rss", "--profile", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(rows))
     for key in ("train_step_ratio", "memory_ratio", "gated_inference_throughput_ratio",
@@ -22,12 +22,19 @@ def test_bench_runs_and_reports_every_ratio(tmp_path):
     rss = saved[0]["process_peak_rss_bytes"]
     assert rss["finetune"] > 50 * 2**20  # a process that imported torch and trained; a fresh one per side
     assert saved[0]["process_rss_ratio_taps"] == rss["taps"] / rss["finetune"]
+    assert saved[0]["profile_ms_per_step"][-1][0] == "total"
+
+
+def test_bench_profile_attributes_the_gate_to_taps_only():
+    ops = {op: (ft, taps) for op, ft, taps in bench.profile_steps("test_resnet", 2, 32, "cpu", None, steps=1)}
+    assert ops["_GatedLayer"][0] == 0 < ops["_GatedLayer"][1]  # TAPS' own autograd function, absent in fine-tuning
+    assert ops["total"][0] > 0 and ops["total"][1] > 0
 
 
 def test_bench_memory_only_in_bf16(tmp_path):
     rows = bench.main(["--archs", "test_vit", "--batch", "2", "--size", "32", "--precision", "bf16",
                        "--memory-only", "--out", str(tmp_path / "b.json")])
-    assert rows[0]["precision"] == "torch.bfloat16" and rows[0]["memory_ratio"] > 1
+    assert rows[0]["precision"] == "bf16" and rows[0]["memory_ratio"] > 1
     assert "train_step_ratio" not in rows[0]
 
 
