@@ -190,7 +190,7 @@ def profile_steps(arch: str, batch: int, size: int, device: str, dtype, steps: i
 
 
 def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,
-          memory_only: bool = False) -> dict:
+          memory_only: bool = False, inference_repeats: int = 40) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -224,7 +224,7 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
     plain.eval(); taps.eval()
     merged = tl.merge(taps, "t").to(device).eval()
     with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        g, m, p = _interleaved([lambda: taps(x), lambda: merged(x), lambda: plain(x)], repeats, warmup)
+        g, m, p = _interleaved([lambda: taps(x), lambda: merged(x), lambda: plain(x)], inference_repeats, warmup)
     res["gated_inference_throughput_ratio"] = _ratio(p, g)[0]
     res["merged_inference_throughput_ratio"] = _ratio(p, m)[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,6 +244,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                         help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--inference-repeats", type=int, default=40,
+                        help="rounds for the inference ratios (a forward is short, so more rounds)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-only", action="store_true", help="measure peak memory only (no timing)")
     parser.add_argument("--process-rss", action="store_true",
@@ -257,7 +259,8 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if precision == "bf16" else None
     batch = args.batch or (32 if device == "cuda" else 8)
     size = args.size or (224 if device == "cuda" else 128)
-    rows = [bench(a, batch, size, args.repeats, args.warmup, device, dtype, args.memory_only) for a in args.archs]
+    rows = [bench(a, batch, size, args.repeats, args.warmup, device, dtype, args.memory_only, args.inference_repeats)
+            for a in args.archs]
     if args.process_rss:
         for row in rows:
             rss = {side: process_peak_rss(row["arch"], side, batch, size, precision)

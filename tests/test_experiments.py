@@ -9,7 +9,7 @@ from experiments import bench, reproduce
 def test_bench_runs_and_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--archs", "test_resnet", "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1",
-                       "--process-rss", "--profile", "--out", str(out)])
+                       "--inference-repeats", "2", "--process-rss", "--profile", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(rows))
     for key in ("train_step_ratio", "memory_ratio", "gated_inference_throughput_ratio",
