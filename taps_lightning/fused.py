@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gate import _dot
+from .gate import known_gate_grads
 
 __all__ = ["fusable", "gated_layer_forward"]
 
@@ -98,16 +98,9 @@ class _GatedLayer(torch.autograd.Function):
         grad_b = _cast(grad_b, bias.dtype) if need_bias else None
         grad_base = grad_delta = grad_score = None
         if need_w:
-            grad_w = grad_w.to(base.dtype)
-            if need_score:
-                grad_score = _dot(grad_w, delta).to(ctx.score_dtype).reshape(ctx.score_shape)
-            if need_base:
-                grad_base = grad_w
-            if need_delta:
-                if not ctx.active:
-                    grad_delta = torch.zeros_like(delta)  # explicit zeros keep DDP's reducer complete
-                else:  # never one tensor in two parameters' .grad
-                    grad_delta = grad_w.clone() if need_base else grad_w
+            grad_base, grad_delta, grad_score = known_gate_grads(
+                grad_w.to(base.dtype), delta, ctx.active, need_base, need_delta, need_score,
+                ctx.score_dtype, ctx.score_shape)
         return grad_x, grad_base, grad_delta, grad_score, grad_b, None, None, None
 
 

@@ -65,15 +65,23 @@ class _KnownGateWeight(torch.autograd.Function):
     def backward(ctx, grad_w: Tensor):
         (delta,) = ctx.saved_tensors
         need_base, need_delta, need_score, _ = ctx.needs_input_grad
-        grad_base = grad_w if need_base else None
-        grad_delta = None
-        if need_delta:
-            if not ctx.active:
-                grad_delta = torch.zeros_like(delta)  # explicit zeros keep DDP's reducer complete
-            else:  # never hand one tensor to two parameters' .grad (in-place clipping would hit both)
-                grad_delta = grad_w.clone() if need_base else grad_w
-        grad_score = _dot(grad_w, delta).to(ctx.score_dtype).reshape(ctx.score_shape) if need_score else None
-        return grad_base, grad_delta, grad_score, None
+        return (*known_gate_grads(grad_w, delta, ctx.active, need_base, need_delta, need_score,
+                                  ctx.score_dtype, ctx.score_shape), None)
+
+
+def known_gate_grads(grad_w: Tensor, delta: Tensor, active: bool, need_base: bool, need_delta: bool,
+                     need_score: bool, score_dtype: torch.dtype, score_shape: torch.Size):
+    """``(dL/dw_base, dL/ddelta, dL/ds)`` from ``dL/dw`` for a gate known on the host (``None``
+    where not needed): ``dL/dw``, ``I(s) dL/dw`` and ``<dL/dw, delta>``."""
+    grad_base = grad_w if need_base else None
+    grad_delta = None
+    if need_delta:
+        if not active:
+            grad_delta = torch.zeros_like(delta)  # explicit zeros keep DDP's reducer complete
+        else:  # never hand one tensor to two parameters' .grad (in-place clipping would hit both)
+            grad_delta = grad_w.clone() if need_base else grad_w
+    grad_score = _dot(grad_w, delta).to(score_dtype).reshape(score_shape) if need_score else None
+    return grad_base, grad_delta, grad_score
 
 
 def gated_weight(base: Tensor, delta: Tensor, score: Tensor, threshold: float, active: bool | None = None) -> Tensor:

@@ -68,8 +68,8 @@ def strip_classifier(backbone: nn.Module) -> tuple[str | None, int]:
 
 def inject_taps(
     backbone: nn.Module,
-    threshold: float,
-    score_init: float,
+    threshold: float = 0.1,
+    score_init: float = 0.15,
     exclude: Iterable[str] = (),
     wrap_layer: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[list[str], list[str]]:
@@ -77,8 +77,8 @@ def inject_taps(
 
     Args:
         backbone: the model, classifier already removed.
-        threshold: ``tau``.
-        score_init: initial score of new tasks.
+        threshold: ``tau`` of the default TAPS layer.
+        score_init: initial score of new tasks in the default TAPS layer.
         exclude: module names (or name prefixes) left untouched.
         wrap_layer: the wrapper to put around each Conv/Linear (default: the TAPS layer);
             other weight adapters (e.g. progressive LoRA adapters) reuse this injection.

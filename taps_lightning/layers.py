@@ -189,8 +189,9 @@ def check_gatable(module: nn.Module) -> None:
         raise TypeError(f"cannot adapt {type(module).__name__}: adapters wrap {', '.join(t.__name__ for t in GATED_TYPES)}")
 
 
-def create_taps_layer(module: nn.Module, threshold: float, score_init: float) -> TapsLayer:
+def create_taps_layer(module: nn.Module, threshold: float, score_init: float,
+                      recompute_weight: bool = True) -> TapsLayer:
     """Wrap ``module`` in the TAPS wrapper for its type."""
     check_gatable(module)
     cls: type[TapsLayer] = _FAST_PATHS.get(type(module), TapsGeneric)
-    return cls(module, threshold=threshold, score_init=score_init)
+    return cls(module, threshold=threshold, score_init=score_init, recompute_weight=recompute_weight)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .inject import inject_taps, strip_classifier
-from .layers import TapsLayer
+from .layers import TapsLayer, create_taps_layer
 from .norms import TaskNorm
 
 __all__ = ["TapsModel"]
@@ -62,10 +62,10 @@ class TapsModel(nn.Module):
         self.head_path, found_features = strip_classifier(backbone)
         self.num_features = int(num_features or found_features)
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
-        self.gated_names, self.norm_names = inject_taps(backbone, self.threshold, self.score_init, exclude)
+        self.gated_names, self.norm_names = inject_taps(
+            backbone, exclude=exclude,
+            wrap_layer=lambda m: create_taps_layer(m, self.threshold, self.score_init, recompute_weight))
         self.backbone = backbone
-        for name in self.gated_names:
-            backbone.get_submodule(name).recompute_weight = recompute_weight
         self.heads = nn.ModuleDict()
         self.active_task: str | None = None
         self._forward_order: list[str] | None = None

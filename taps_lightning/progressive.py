@@ -143,8 +143,7 @@ class ProgressiveAdapterModel(nn.Module):
         self.head_path, self.num_features = strip_classifier(backbone)
         self.backbone_name = backbone_name or type(backbone).__name__
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
-        self.gated_names, self.norm_names = inject_taps(backbone, 0.1, 0.15,
-                                                        wrap_layer=lambda m: LoRALayer(m, rank, alpha))
+        self.gated_names, self.norm_names = inject_taps(backbone, wrap_layer=lambda m: LoRALayer(m, rank, alpha))
         self.backbone = backbone
         self.task_list = list(tasks)
         self.schedule = list(schedule) if schedule else default_schedule(len(tasks), num_stages)

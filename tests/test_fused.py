@@ -126,6 +126,7 @@ def test_whole_model_gradients_equal_with_and_without_recompute():
     grads = []
     for recompute in (True, False):
         model = tiny_resnet({"a": 3}, recompute_weight=recompute, freeze_base=False)
+        assert all(layer.recompute_weight is recompute for _, layer in model.taps_layers())
         randomize_tasks(model, off=("layer1.0.conv1", "layer3.1.conv2"))
         model.train()
         F.cross_entropy(model(x), torch.tensor([0, 2])).backward()
