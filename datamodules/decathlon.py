@@ -8,10 +8,10 @@ from typing import Sequence
 
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
-import torch
 
 from .base import MultiTaskDataModule
 from .images import DataLayoutError, ImageListDataset
+from .transforms import to_normalized_tensor
 
 __all__ = ["VisualDecathlon", "DECATHLON_TASKS", "read_annotations", "write_submission"]
 
@@ -125,7 +125,7 @@ class VisualDecathlon(MultiTaskDataModule):
             ops = [v2.Resize(72, antialias=True), v2.RandomCrop(64), v2.RandomHorizontalFlip()]
         else:
             ops = [v2.Resize(72, antialias=True), v2.CenterCrop(64)]
-        return v2.Compose(ops + [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        return v2.Compose(ops + to_normalized_tensor(mean, std))
 
     def build_dataset(self, task: str, split: str) -> Dataset:
         labelled = split != "test" or self.annotation_file(task, "test").name == f"{task}_test.json"

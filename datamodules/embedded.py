@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from .base import MultiTaskDataModule, TensorImageDataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EmbeddedDigits", "build_embedded_digits", "DOMAINS"]
 
 DOMAINS = ("mnist", "mnist_m", "uci_digits", "sketch")
 _SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 _CACHE_VERSION = 1
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_root() -> Path:

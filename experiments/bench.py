@@ -56,8 +56,9 @@ def _ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
     return statistics.median(r), min(r), max(r)
 
 
-def _train_step(model, params, x, y, dtype):
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+def _train_step(model, x, y, dtype):
+    """One SGD step (momentum 0.9) over the model's trainable parameters, as a closure."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -133,8 +134,8 @@ def process_peak_rss(arch: str, side: str, batch: int, size: int, precision: str
 def _rss_worker(arch: str, side: str, batch: int, size: int, precision: str, steps: int) -> None:
     torch.manual_seed(0)
     model = build(arch, side, size)
-    step = _train_step(model, [p for p in model.parameters() if p.requires_grad], torch.randn(batch, 3, size, size),
-                       torch.randint(0, 10, (batch,)), torch.bfloat16 if precision == "bf16" else None)
+    step = _train_step(model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)),
+                       torch.bfloat16 if precision == "bf16" else None)
     for _ in range(steps):
         step()
     print(_peak_rss())
@@ -167,7 +168,7 @@ def profile_steps(arch: str, batch: int, size: int, device: str, dtype, steps: i
     y = torch.randint(0, 10, (batch,), device=device)
     sides = ("finetune", "taps")
     models = {side: build(arch, side, size).to(device) for side in sides}
-    runs = {side: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype) for side, m in models.items()}
+    runs = {side: _train_step(m, x, y, dtype) for side, m in models.items()}
     totals = {side: Counter() for side in sides}
     cuda = device == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -198,9 +199,8 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
     variants = {name: build(arch, name, size).to(device) for name in TAPS_VARIANTS}
     res: dict = {"arch": arch, "batch": batch, "size": size, "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
                  "threads": torch.get_num_threads()}
-    steps = {name: _train_step(m, [p for p in m.parameters() if p.requires_grad], x, y, dtype)
-             for name, m in variants.items()}
-    steps["finetune"] = _train_step(plain, list(plain.parameters()), x, y, dtype)
+    steps = {name: _train_step(m, x, y, dtype) for name, m in variants.items()}
+    steps["finetune"] = _train_step(plain, x, y, dtype)
     for step in steps.values():
         step()  # optimizer state exists, as in a running job
     res["peak_bytes"] = {name: peak_training_bytes(step) for name, step in steps.items()}
