@@ -8,17 +8,14 @@ __all__ = ["TaskParamLogger", "task_param_metrics"]
 
 def task_param_metrics(pl_module) -> dict[str, float]:
     """``taps/<task>/{active_layers,task_params,task_params_fraction}`` and
-    ``taps/total_params_multiple`` (base + all tasks' own parameters, in backbones)."""
-    metrics, extra, base = {}, 0, None
+    ``taps/total_params_multiple`` (base + all tasks' own parameters, shared ones once, in backbones)."""
+    metrics = {}
     for task in pl_module.tasks:
         cost = pl_module.task_cost(task)
         metrics[f"taps/{task}/active_layers"] = float(cost["active_layers"])
         metrics[f"taps/{task}/task_params"] = float(cost["task_params"])
         metrics[f"taps/{task}/task_params_fraction"] = float(cost["fraction"])
-        extra += cost["task_params"]
-        base = cost["base_params"]
-    if base:
-        metrics["taps/total_params_multiple"] = (base + extra) / base
+    metrics["taps/total_params_multiple"] = pl_module.total_params_multiple()
     return metrics
 
 

@@ -52,7 +52,7 @@ def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[d
         "task_params": total_params,
         "task_params_pct": 100 * total_params / base if base else float("nan"),
         "stored_mb": sum(r["stored_mb"] for r in rows),
-        "params_multiple": (base + total_params) / base if base else float("nan"),
+        "params_multiple": module.total_params_multiple() if rows else float("nan"),
     })
     return rows
 

@@ -25,7 +25,7 @@ from .baselines import MultiHeadModel
 from .factory import create_backbone
 from .model import TapsModel
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
-from .stats import count_params, sparsity_loss
+from .stats import count_params, sparsity_loss, total_params_multiple
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES"]
 
@@ -328,6 +328,16 @@ class TapsModule(L.LightningModule):
         layers = self.backbone_layers
         return {"active_layers": layers if self.model.copy_per_task else 0, "gated_layers": layers,
                 "task_params": params, "base_params": base, "fraction": params / base}
+
+    def total_params_multiple(self) -> float:
+        """Base plus every task-specific parameter, each counted once, in backbones (the paper's
+        "Params" column). Progressive adapters shared by several tasks count once, although each
+        task's :meth:`task_cost` includes them (the task needs them to run)."""
+        if isinstance(self.model, ProgressiveAdapterModel):
+            return total_params_multiple(self.model)
+        costs = [self.task_cost(task) for task in self.tasks]
+        base = costs[0]["base_params"]
+        return (base + sum(c["task_params"] for c in costs)) / base
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):

@@ -130,9 +130,10 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
     module = TapsModule(backbone="test_resnet", tasks=data.num_classes, mode="progressive", adapter_rank=2,
                         num_stages=3, similarity_epochs=1, similarity_batches=2, lr=0.05)
     logger = TensorBoardLogger(tmp_path, name="p")
+    report_cb = ResultsReport()
     L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, enable_checkpointing=False,
-              callbacks=[TaskSimilarityLogger(), ResultsReport()]).fit(module, data)
+              callbacks=[TaskSimilarityLogger(), report_cb]).fit(module, data)
     model = module.model
     assert [len(model.groups[s]) for s in range(3)] == [1, 2, 3] == model.schedule
     assert all(torch.allclose(torch.diag(s), torch.ones(3)) for s in module.similarity.values())
@@ -140,3 +141,13 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
     assert {"progressive/similarity_stage0", "progressive/similarity_stage2"} <= set(events.Tags()["images"])
     report = (tmp_path / "p" / "version_0" / "report.md").read_text()
     assert "Adapter sharing" in report and "Gradient cosine similarity, stage 1" in report
+    # the multi-task total counts a shared adapter once, not once per task that uses it
+    layers = dict(model.lora_layers())
+    adapters = sum(len(layers[n].lora_A) * (layers[n].lora_A["0"].numel() + layers[n].lora_B["0"].numel())
+                   for n in model.gated_names)
+    norms = sum(p.numel() for _, n in model.task_norms() for t in model.tasks for p in n.norms[t].parameters())
+    heads = sum(p.numel() for h in model.heads.values() for p in h.parameters())
+    base = model.base_param_count
+    total = report_cb.rows[-1]
+    assert total["params_multiple"] == pytest.approx(1 + (adapters + norms + heads) / base)
+    assert total["params_multiple"] < 1 + total["task_params"] / base  # per-task paths overlap in shared stages
