@@ -13,12 +13,14 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger)
+from callbacks.export import adapter_dir
 from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
@@ -97,14 +99,18 @@ def main(args: list[str] | None = None) -> TapsCLI:
     if cli.config.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, data, ckpt_path=best or None, verbose=False)
-    log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+    log_dir, adapters = trainer.log_dir, adapter_dir(trainer)  # collectives under DDP: every rank must ask
     if trainer.is_global_zero:
         ckpt_dir = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
         rank_zero_info(
             f"\nTAPS | checkpoints: {ckpt_dir} (last.ckpt, best-*.ckpt; resume with --ckpt_path last)"
-            f"\nTAPS | adapters:    {Path(ckpt_dir or '.') / 'adapters'}"
+            f"\nTAPS | adapters:    {adapters}"
             f"\nTAPS | TensorBoard: tensorboard --logdir {log_dir}"
         )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Lightning leaves the process group up; gloo's threads still alive at interpreter
+        # exit can abort a finished run ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()
     return cli
 
 
