@@ -21,6 +21,14 @@ def randomize_tasks(model: tl.TapsModel, scale: float = 0.05, off: tuple[str, ..
                     task_norm.running_var.uniform_(0.5, 1.5)
 
 
+def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:
+    """``module`` wrapped by TAPS with one task ``"t"`` added and active (zero delta, score 0.15)."""
+    layer = tl.create_taps_layer(module, threshold, 0.15)
+    layer.add_task("t")
+    layer.active_task = "t"
+    return layer
+
+
 def tiny_resnet(tasks=None, **kwargs) -> tl.TapsModel:
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)

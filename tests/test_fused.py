@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import taps_lightning as tl
-from tests.helpers import randomize_tasks, tiny_resnet
+from tests.helpers import randomize_tasks, single_task_layer, tiny_resnet
 
 TAU = 0.1
 
@@ -43,9 +42,7 @@ def test_outputs_and_gradients_match_explicit_weight(kind, on, train_base):
     torch.manual_seed(0)
     module = LAYERS[kind]()
     module.weight.requires_grad_(train_base)
-    layer = tl.create_taps_layer(module, TAU, 0.15)
-    layer.add_task("t")
-    layer.active_task = "t"
+    layer = single_task_layer(module, TAU)
     delta, score = layer.taps_delta["t"], layer.taps_score["t"]
     with torch.no_grad():
         delta.normal_()
@@ -87,9 +84,7 @@ def _saved_weight_sized(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]
 
 @pytest.mark.parametrize("kind", ["conv2d", "linear"])
 def test_recompute_keeps_no_weight_copy_for_backward(kind):
-    layer = tl.create_taps_layer(LAYERS[kind](), TAU, 0.15)
-    layer.add_task("t")
-    layer.active_task = "t"
+    layer = single_task_layer(LAYERS[kind](), TAU)
     x = torch.randn(INPUTS[kind], requires_grad=True)
     assert _saved_weight_sized(layer, x) == []
     layer.recompute_weight = False  # composing the weight first keeps ``base + delta`` alive
@@ -99,9 +94,7 @@ def test_recompute_keeps_no_weight_copy_for_backward(kind):
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
     torch.manual_seed(0)
     module = nn.Conv2d(4, 6, 3, padding=1)
-    layer = tl.create_taps_layer(module, TAU, 0.15)
-    layer.add_task("t")
-    layer.active_task = "t"
+    layer = single_task_layer(module, TAU)
     delta, score = layer.taps_delta["t"], layer.taps_score["t"]
     with torch.no_grad():
         delta.normal_(0, 0.1)

@@ -8,15 +8,14 @@ from timm.layers import Attention
 from torch import nn
 
 import taps_lightning as tl
+from tests.helpers import single_task_layer
 
 TAU = 0.1
 
 
 def _wrapped_conv(score: float):
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-    layer = tl.create_taps_layer(conv, threshold=TAU, score_init=0.15)
-    layer.add_task("t")
-    layer.active_task = "t"
+    layer = single_task_layer(conv, TAU)
     with torch.no_grad():
         layer.taps_delta["t"].normal_()
         layer.taps_score["t"].fill_(score)
@@ -38,9 +37,7 @@ def test_conv_forward_matches_explicit_weight(score, on):
 @pytest.mark.parametrize("on", [True, False])
 def test_linear_forward_matches_explicit_weight(on):
     lin = nn.Linear(6, 4)
-    layer = tl.create_taps_layer(lin, TAU, 0.15)
-    layer.add_task("t")
-    layer.active_task = "t"
+    layer = single_task_layer(lin, TAU)
     with torch.no_grad():
         layer.taps_delta["t"].normal_()
         layer.taps_score["t"].fill_(0.5 if on else 0.0)
@@ -113,10 +110,8 @@ def test_generic_subclass_keeps_its_own_forward():
     from timm.layers import StdConv2d
 
     conv = StdConv2d(3, 4, 3, padding=1)
-    layer = tl.create_taps_layer(conv, TAU, 0.15)
+    layer = single_task_layer(conv, TAU)
     assert isinstance(layer, tl.TapsGeneric)
-    layer.add_task("t")
-    layer.active_task = "t"
     with torch.no_grad():
         layer.taps_delta["t"].normal_()
     x = torch.randn(1, 3, 6, 6)
