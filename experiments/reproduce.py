@@ -78,7 +78,7 @@ def format_results(results: list[tuple[str, list[dict]]], command: str, seconds:
         "# Results on the embedded benchmark\n\n"
         f"Command: `{command}` ({seconds / 60:.1f} min wall on {machine}); test split, best checkpoint "
         "by mean validation accuracy, seed 0, one run per row.\n\n" + "\n".join(lines) + "\n\n"
-        "Params: base plus every task's task-specific parameters, in backbones (the paper's Params column). "
+        "Params: base plus every task's task-specific parameters (an adapter shared by several tasks counted once), in backbones (the paper's Params column). "
         "% task params: each task's own parameters (active deltas, norms, head) as % of the backbone.\n\n" + PAPER
     )
 
