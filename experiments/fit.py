@@ -6,9 +6,14 @@ four embedded digit domains, incremental TAPS, 4 epochs on the CPU. Every Traine
 and data argument is a flag (``--trainer.*``, ``--model.*``, ``--data.*``), ``--config`` loads
 a YAML from ``configs/`` and ``--print_config`` shows the resolved set-up.
 ``--ckpt_path last`` resumes the newest run of the same ``--trainer.logger.init_args.name``.
+
+Every run claims its own ``<default_root_dir>/logs/<name>/version_N`` folder (runs started at
+once never share one) and holds it locked while it lives, so resuming a run that is still
+training is refused; output folders are checked for writing before the first step.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger)
@@ -25,6 +30,10 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
+from .runs import RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version
+
+#: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
+DEFAULT_SAVE_DIR = "logs"
 
 
 def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
@@ -41,6 +50,8 @@ def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
 
 
 class TapsCLI(LightningCLI):
+    run_lock: RunLock | None = None
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str, default=None,
                             help="resume from this checkpoint, or 'last' for the newest last.ckpt of this run name")
@@ -81,24 +92,69 @@ class TapsCLI(LightningCLI):
             # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"
             print(f"TAPS | mode {cfg.model.mode}: using strategy ddp_find_unused_parameters_true", file=sys.stderr)
-        if cfg.ckpt_path == "last":
-            logger = cfg.trainer.logger
-            init = logger.init_args if hasattr(logger, "init_args") else None
-            if init is None:
+        self.run_lock = self._prepare_run_folder()
+
+    def _prepare_run_folder(self) -> RunLock | None:
+        """Point the logger at this run's own folder (claimed, or the resumed one), lock it and
+        check that every output folder is writable; returns the lock (rank zero only)."""
+        cfg = self.config
+        resuming = cfg.ckpt_path == "last"
+        logger = cfg.trainer.logger
+        init = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
+        root_dir = cfg.trainer.default_root_dir
+        if init is None or not hasattr(init, "save_dir"):
+            if resuming:
                 raise SystemExit("--ckpt_path last needs the TensorBoard logger; pass the .ckpt path instead")
+            if rank_zero_only.rank == 0:
+                check_writable(root_dir or os.getcwd(), "--trainer.default_root_dir")
+            return None
+        if root_dir and str(init.save_dir) == DEFAULT_SAVE_DIR:
+            init.save_dir = str(Path(root_dir) / DEFAULT_SAVE_DIR)  # honour Lightning's flag for our default logger
+        runs = Path(init.save_dir, init.name or "")
+        if resuming:
             path, version = find_last_checkpoint(init.save_dir, init.name)
             cfg.ckpt_path = str(path)
             init.version = version  # keep logging into the resumed run's folder
+        elif init.version is None:
+            if rank_zero_only.rank == 0:
+                init.version = claim_version(runs)
+                os.environ[RUN_VERSION_ENV] = str(init.version)  # inherited by DDP worker processes
+            elif os.environ.get(RUN_VERSION_ENV):
+                init.version = int(os.environ[RUN_VERSION_ENV])
+        # A resumed run rewrites its own config.yaml; a new run never overwrites another's.
+        self.save_config_kwargs["overwrite"] = resuming
+        if rank_zero_only.rank != 0 or init.version is None:
+            return None
+        run_dir = runs / (init.version if isinstance(init.version, str) else f"version_{init.version}")
+        check_writable(run_dir, "the run folder")
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunInUseError as err:
+            raise SystemExit(str(err)) from None
+        ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"
+        check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)")
+        check_writable(ckpt_dir / "adapters", "the adapter folder")
+        return lock
 
 
 def main(args: list[str] | None = None) -> TapsCLI:
     cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
-                  seed_everything_default=0, save_config_kwargs={"overwrite": True})
+                  seed_everything_default=0, save_config_kwargs={"overwrite": False})
+    try:
+        _fit_and_test(cli)
+    finally:
+        if cli.run_lock is not None:
+            cli.run_lock.release()
+    return cli
+
+
+def _fit_and_test(cli: TapsCLI) -> None:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    trainer.fit(model, data, ckpt_path=cli.config.ckpt_path)
+    # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint never runs code
+    trainer.fit(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True)
     if cli.config.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, data, ckpt_path=best or None, verbose=False)
+        trainer.test(model, data, ckpt_path=best or None, verbose=False, weights_only=True)
     log_dir, adapters = trainer.log_dir, adapter_dir(trainer)  # collectives under DDP: every rank must ask
     if trainer.is_global_zero:
         ckpt_dir = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
@@ -111,7 +167,6 @@ def main(args: list[str] | None = None) -> TapsCLI:
         # Lightning leaves the process group up; gloo's threads still alive at interpreter
         # exit can abort a finished run ("terminate called without an active exception").
         torch.distributed.destroy_process_group()
-    return cli
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from torch import nn
 
 from .inject import set_submodule
 
-from .model import TapsModel
+from .model import TASK_NAME, TapsModel
 from .progressive import ProgressiveAdapterModel
 
 from .stats import gate_states
@@ -71,9 +71,21 @@ def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path
         "groups": json.dumps({str(s): g for s, g in model.groups.items()}),
         "path": json.dumps(model.path_adapters(task)), "base_fingerprint": base_fingerprint(model),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    _write(tensors, path, metadata, task)
     return path
+
+
+def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], task: str) -> None:
+    """Refuse non-finite values, then write atomically (a temporary file renamed into place),
+    so an interrupted export never leaves a truncated task file behind."""
+    check_finite(tensors, f"save_task({task!r}) to {path}", _DIVERGED, error=ValueError)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
@@ -106,8 +118,7 @@ def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
         "layer_order": json.dumps(model.layer_order()),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    _write(tensors, path, metadata, task)
     return path
 
 
@@ -133,8 +144,81 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def _meta(path: Path, meta: dict[str, str], key: str, parse=str):
+    """``parse(meta[key])``, or a :class:`TaskFileError` naming the file and the key."""
+    if key not in meta:
+        raise TaskFileError(f"{path}: metadata key {key!r} is missing; the file is damaged or was not written by "
+                            "save_task: re-export the task with taps_lightning.save_task")
+    try:
+        return parse(meta[key])
+    except (TypeError, ValueError) as err:
+        raise TaskFileError(f"{path}: metadata {key}={meta[key]!r} is malformed ({err}); re-export the task "
+                            "with taps_lightning.save_task") from err
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str,
+                 error: type[Exception] = TaskFileError) -> None:
+    """Refuse NaN/inf in any floating tensor, naming the first offending entries."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise error(f"{where}: non-finite values (NaN/inf) in {', '.join(bad[:3])}{more}; {fix}")
+
+
+_DIVERGED = ("the task's weights diverged; export a checkpoint from before the divergence "
+             "(e.g. best-*.ckpt) or retrain with a lower --model.lr")
+
+
+def _expected_tensors(model: TapsModel, num_classes: int) -> dict[str, torch.Size]:
+    """Every key a task file for ``model`` may hold, with its exact shape (deltas optional)."""
+    shapes: dict[str, torch.Size] = {}
+    for name, layer in model.taps_layers():
+        shapes[f"score.{name}"] = torch.Size([1])
+        shapes[f"delta.{name}"] = layer.base_layer.weight.shape
+    for name, norm in model.task_norms():
+        for k, v in norm.base_norm.state_dict().items():
+            shapes[f"norm.{name}.{k}"] = v.shape
+    shapes["head.weight"] = torch.Size([num_classes, model.num_features])
+    shapes["head.bias"] = torch.Size([num_classes])
+    return shapes
+
+
+def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, num_classes: int) -> None:
+    """Every tensor present, of exactly the right shape, finite, and a delta for every active layer."""
+    expected = _expected_tensors(model, num_classes)
+    fix = "re-export the task with save_task"
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise TaskFileError(f"{path}: unexpected tensors {unexpected[:3]} (not in this model's layout); {fix}")
+    missing = sorted(k for k in expected if k not in tensors and not k.startswith("delta."))
+    if missing:
+        raise TaskFileError(f"{path}: incomplete task file, missing {missing[:3]}"
+                            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; {fix}")
+    wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k])})" for k, v in tensors.items()
+             if v.shape != expected[k]]
+    if wrong:
+        raise TaskFileError(f"{path}: wrong tensor shapes: {'; '.join(wrong[:3])}; {fix}")
+    check_finite(tensors, str(path), fix)
+    for name, _ in model.taps_layers():
+        score = tensors[f"score.{name}"]
+        if bool(score.float().reshape(()) >= model.threshold) and f"delta.{name}" not in tensors:
+            raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
+                                f"delta.{name} is missing; {fix}")
+
+
 def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None, strict_base: bool = True) -> str:
     """Add (or replace) the task stored in ``path``; returns its name.
+
+    The whole file is checked first (metadata, every key and exact shape, finite values);
+    only then is the model changed, so a file that is refused leaves the model as it was,
+    including a task of the same name.
 
     Args:
         model: a ``TapsModel`` on the same backbone the file was made with.
@@ -145,41 +229,47 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     """
     path = Path(path)
     tensors, meta = _read(path)
-    if meta["layout_signature"] != layout_signature(model):
+    layout = _meta(path, meta, "layout_signature")
+    backbone = _meta(path, meta, "backbone")
+    if layout != layout_signature(model):
         raise TaskFileError(
-            f"{path}: made for backbone {meta['backbone']!r} (layout {meta['layout_signature']}), "
+            f"{path}: made for backbone {backbone!r} (layout {layout}), "
             f"but this model is {model.backbone_name!r} (layout {layout_signature(model)}); "
-            f"create the model from {meta['backbone']!r} to load it"
+            f"create the model from {backbone!r} to load it"
         )
-    if strict_base and meta["base_fingerprint"] != base_fingerprint(model):
+    fingerprint = _meta(path, meta, "base_fingerprint")
+    if strict_base and fingerprint != base_fingerprint(model):
         raise TaskFileError(
             f"{path}: trained on different shared weights than this model's (base fingerprint "
-            f"{meta['base_fingerprint']} vs {base_fingerprint(model)}); load the same pre-trained or jointly "
+            f"{fingerprint} vs {base_fingerprint(model)}); load the same pre-trained or jointly "
             "trained base first (e.g. from its checkpoint), or pass strict_base=False"
         )
-    if float(meta["threshold"]) != model.threshold:
-        raise TaskFileError(f"{path}: saved with threshold {meta['threshold']}, this model uses {model.threshold}")
-    task = task or meta["task"]
+    threshold = _meta(path, meta, "threshold", float)
+    if threshold != model.threshold:
+        raise TaskFileError(f"{path}: saved with threshold {meta['threshold']}, this model uses {model.threshold}; "
+                            f"create the model with threshold={meta['threshold']}")
+    num_classes = _meta(path, meta, "num_classes", _positive_int)
+    task = task or _meta(path, meta, "task")
+    if not isinstance(task, str) or not TASK_NAME.match(task):
+        raise TaskFileError(f"{path}: task name {task!r} is not valid (letters, digits, '_' or '-'); "
+                            "pass task=<name> to load it under another name")
+    _validate(path, tensors, model, num_classes)
+    # Everything is checked: now swap (nothing below can fail on the file's account).
+    was_active = model.active_task == task
     if task in model.tasks:
         model.remove_task(task)
-    model.add_task(task, int(meta["num_classes"]))
-    try:
-        with torch.no_grad():
-            for name, layer in model.taps_layers():
-                score = tensors[f"score.{name}"]
-                layer.taps_score[task].copy_(score.reshape(()))
-                if f"delta.{name}" in tensors:
-                    layer.taps_delta[task].copy_(tensors[f"delta.{name}"])
-                elif bool(score.item() >= model.threshold):
-                    raise KeyError(f"delta.{name}")
-            for name, norm in model.task_norms():
-                prefix = f"norm.{name}."
-                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                norm.norms[task].load_state_dict(state)
-            model.heads[task].load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-    except (KeyError, RuntimeError) as err:
-        model.remove_task(task)
-        raise TaskFileError(f"{path}: incomplete or inconsistent task file ({err}); re-export it with save_task") from err
+    model.add_task(task, num_classes)
+    with torch.no_grad():
+        for name, layer in model.taps_layers():
+            layer.taps_score[task].copy_(tensors[f"score.{name}"].reshape(()))
+            if f"delta.{name}" in tensors:
+                layer.taps_delta[task].copy_(tensors[f"delta.{name}"])
+        for name, norm in model.task_norms():
+            prefix = f"norm.{name}."
+            norm.norms[task].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        model.heads[task].load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    if was_active:
+        model.set_task(task)
     return task
 
 
@@ -189,6 +279,9 @@ def merge(model: TapsModel, task: str) -> nn.Module:
     remains in its forward; ``model`` is not modified."""
     model._check_task(task)
     gates = gate_states(model, task)
+    folded = {f"delta.{name}": layer.taps_delta[task].detach() for name, layer in model.taps_layers() if gates[name]}
+    folded.update(_norm_and_head_tensors(model, task))
+    check_finite(folded, f"merge({task!r})", _DIVERGED, error=ValueError)
     memo: dict[int, object] = {}
     for name, layer in model.taps_layers():
         plain = copy.deepcopy(layer.base_layer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Mapping
 
 import timm
@@ -14,17 +15,32 @@ __all__ = ["create_backbone", "create_taps_model", "load_weights"]
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict:
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """A name -> tensor dict from a ``.safetensors`` file or a tensor-only torch file.
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    Torch files are always read with ``weights_only=True`` (whatever
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says): a weights file never needs to run code.
+    """
+    path = str(path)
+    expected = ("expected a state dict of tensors saved with torch.save(model.state_dict(), ...) "
+                "or safetensors.torch.save_file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, SafetensorError, ...
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "not a torch file, or a pickle holding Python objects besides tensors, which is never executed"
+        else:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(f"{path}: cannot read the weights file ({reason}); {expected}") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds a {type(state).__name__} with values other than tensors; {expected}")
     return state
 
 

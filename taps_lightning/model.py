@@ -13,7 +13,7 @@ from .norms import TaskNorm
 
 __all__ = ["TapsModel"]
 
-_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 def _backbone_name(backbone: nn.Module) -> str:
@@ -133,7 +133,7 @@ class TapsModel(nn.Module):
 
     def add_task(self, task: str, num_classes: int) -> None:
         """Add ``task``: zero deltas, fresh scores, copies of the pre-trained norms, a new head."""
-        if not isinstance(task, str) or not _TASK_NAME.match(task):
+        if not isinstance(task, str) or not TASK_NAME.match(task):
             raise ValueError(f"task name {task!r} must be non-empty and use only letters, digits, '_' or '-'")
         if task in self.heads:
             raise ValueError(f"task {task!r} exists already; remove_task({task!r}) first to replace it")

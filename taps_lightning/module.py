@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .baselines import MultiHeadModel
+from .checks import check_training_settings, normalize_sha256
 from .factory import create_backbone
 from .model import TapsModel
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
@@ -123,6 +124,12 @@ class TapsModule(L.LightningModule):
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' or 'none'")
+        check_training_settings(
+            taps=mode in TAPS_MODES, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
+            joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
+            similarity_batches=similarity_batches)
+        weights_sha256 = normalize_sha256(weights_sha256)
         self.save_hyperparameters()
         if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
             raise ValueError(f"{weights}: SHA-256 differs from the expected {weights_sha256}; the file is not the one "
@@ -144,6 +151,7 @@ class TapsModule(L.LightningModule):
                                         train_backbone=mode != "linear", backbone_name=backbone)
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
+        self._nonfinite: dict[str, Tensor] = {}
         self._task_grads: dict[str, list[Tensor]] = {}
         self.similarity: dict[int, Tensor] = {}
         self.grouping_epoch: int | None = None
@@ -277,7 +285,27 @@ class TapsModule(L.LightningModule):
     def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
         x, y = batch
         task = self.eval_tasks()[dataloader_idx]
-        metrics[task].update(self.model(x, task).argmax(-1), y)
+        logits = self.model(x, task)
+        # counted on the device (no sync per step); checked once per epoch in _log_accuracies
+        bad = (~torch.isfinite(logits)).flatten(1).any(1).sum()
+        self._nonfinite[task] = self._nonfinite.get(task, 0) + bad
+        metrics[task].update(logits.argmax(-1), y)
+
+    def _check_finite_eval(self, stage: str) -> None:
+        """Stop the run if any evaluated sample had non-finite logits (on any rank): an argmax of
+        NaN is a number, and the model would otherwise be logged, checkpointed and kept as best."""
+        counts, self._nonfinite = self._nonfinite, {}
+        tasks = self.eval_tasks()
+        local = torch.stack([torch.as_tensor(counts.get(t, 0), device=self.device).float() for t in tasks])
+        total = self.trainer.strategy.reduce(local, reduce_op="sum") if self._trainer is not None else local
+        bad = {t: int(n) for t, n in zip(tasks, total.tolist()) if n > 0}
+        if bad:
+            raise FloatingPointError(
+                f"non-finite logits in {stage} at epoch {self.current_epoch} (global step {self.global_step}): "
+                + ", ".join(f"{t}: {n} samples" for t, n in bad.items())
+                + ". The weights have diverged; the run is stopped so that this state is neither checkpointed nor "
+                "kept as best. Lower --model.lr, check the data, or use --trainer.precision 32-true; "
+                "resume from an earlier checkpoint with --ckpt_path")
 
     def eval_tasks(self) -> list[str]:
         """Task of each validation/test dataloader, in order."""
@@ -290,10 +318,13 @@ class TapsModule(L.LightningModule):
         self._eval_step(self.test_acc, batch, dataloader_idx)
 
     def _log_accuracies(self, metrics: nn.ModuleDict, stage: str) -> None:
+        self._check_finite_eval(stage)
         accs = {}
         for task, metric in metrics.items():
             if metric.update_called:
                 accs[task] = metric.compute()  # synchronised over DDP ranks by torchmetrics
+                if not bool(torch.isfinite(accs[task])):
+                    raise FloatingPointError(f"{stage}/{task}/acc is {accs[task].item()}; the run is stopped")
                 self.log(f"{stage}/{task}/acc", accs[task], sync_dist=True)
             metric.reset()
         if accs:
@@ -354,7 +385,12 @@ class TapsModule(L.LightningModule):
         optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
         if hp.scheduler == "none":
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps = self.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise ValueError(
+                "the cosine schedule needs a finite run, but --trainer.max_epochs -1 / max_steps -1 make it endless: "
+                "set --trainer.max_epochs N (or --trainer.max_steps N), or use --model.scheduler none")
+        total = max(1, int(steps))
         boundary = 0
         if hp.mode == "memory_efficient" and self.trainer.max_epochs:
             # the TAPS phase is a run of its own on the jointly trained base: its own cosine cycle
@@ -372,7 +408,7 @@ class TapsModule(L.LightningModule):
         if "taps_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["taps_rng_state"])
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("backbone", "mode", "tasks"):
+        for key in ("backbone", "mode", "tasks", "threshold"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise ValueError(
                     f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "

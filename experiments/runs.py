@@ -1,0 +1,102 @@
+"""Run folders that concurrent runs never share, and a lock that keeps a live run's folder its own.
+
+``logs/<name>/version_N`` is claimed with ``os.mkdir`` (atomic: of several runs started at
+once, each gets its own ``N``), and the run holds an exclusive ``fcntl.flock`` on
+``version_N/.running`` for as long as it lives. The kernel drops that lock when the process
+ends, however it ends (``kill -9`` included), so ``--ckpt_path last`` can tell a run that is
+still training (refused) from one that died (resumed) without heartbeats or stale-lock rules.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+
+__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "RUN_VERSION_ENV"]
+
+#: Set by rank 0 for the DDP worker processes Lightning starts, so they log to the same folder.
+RUN_VERSION_ENV = "TAPS_RUN_VERSION"
+LOCK_NAME = ".running"
+
+
+class RunInUseError(RuntimeError):
+    """The run folder is held by a live process."""
+
+
+def _version_of(path: Path) -> int | None:
+    match = re.fullmatch(r"version_(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def claim_version(root: str | os.PathLike) -> int:
+    """Create ``root/version_N`` for the smallest free ``N`` above every existing one and return ``N``."""
+    root = Path(root)
+    check_writable(root, "the log folder (--trainer.default_root_dir or --trainer.logger.init_args.save_dir)")
+    existing = [v for v in (_version_of(p) for p in root.iterdir()) if v is not None]
+    version = max(existing, default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:  # another run took it a moment ago: take the next one
+            version += 1
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any training."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as err:
+        raise SystemExit(
+            f"{what}: cannot write to {folder} ({type(err).__name__}: {err.strerror or err}). "
+            "Choose a writable folder (e.g. --trainer.default_root_dir /scratch/$USER) before training starts."
+        ) from None
+    return folder
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held until :meth:`release` or the process's end."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise :class:`RunInUseError` naming the process that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(
+                f"{self.path.parent} is in use by a run that is still going ({self.holder()}). Resuming it now "
+                "would overwrite its last.ckpt and adapters: wait for it to finish, or start a new run "
+                "(drop --ckpt_path). The lock is released automatically when that process ends."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file itself stays (harmless, reused)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
