@@ -1,0 +1,165 @@
+"""Run folders: never shared by concurrent runs, never resumed while live, where the user says, and
+writable before training starts; checkpoints never execute code."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.runs import RunInUseError, RunLock, claim_version
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.tasks", "[mnist]",
+        "--data.max_train_per_task", "16", "--data.batch_size", "8", "--trainer.max_epochs", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--test", "false"]
+
+
+@pytest.fixture(scope="module")
+def data_home(tmp_path_factory):
+    """The embedded digits built once for this module's runs."""
+    from datamodules.embedded import load_embedded_digits
+
+    home = tmp_path_factory.mktemp("taps_data")
+    load_embedded_digits(home / "embedded_digits")
+    return home
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, data_home):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TAPS_DATA_HOME", str(data_home))
+    monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
+    return tmp_path
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """A separate process that takes the run lock and sleeps, as a live training run would."""
+    code = ("import sys, time; from experiments.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_refuses_a_live_holder_and_frees_when_it_is_killed(tmp_path):
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunInUseError, match=rf"{tmp_path} is in use by a run that is still going \(pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # as kill -9 on a crashed job
+        holder.wait()
+    with RunLock(tmp_path):  # the kernel dropped the dead process's lock
+        pass
+
+
+def _claim(args):
+    root, start = args
+    while time.time() < start:
+        pass
+    return claim_version(root)
+
+
+def test_concurrent_claims_get_distinct_folders(tmp_path):
+    (tmp_path / "version_0").mkdir()
+    start = time.time() + 1.0
+    with get_context("spawn").Pool(6) as pool:
+        versions = pool.map(_claim, [(tmp_path, start)] * 6)
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+def _cli(args):
+    from datamodules import MultiTaskDataModule
+    from experiments.fit import TapsCLI
+    from taps_lightning.module import TapsModule
+
+    return TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+                   seed_everything_default=0, save_config_kwargs={"overwrite": False})
+
+
+def test_default_root_dir_is_honoured_and_save_dir_still_works(in_tmp):
+    cli = _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch")])
+    try:
+        assert Path(cli.trainer.logger.log_dir) == in_tmp / "scratch" / "logs" / "taps" / "version_0"
+        assert (in_tmp / "scratch" / "logs" / "taps" / "version_0").is_dir()
+        assert not (in_tmp / "logs").exists()
+    finally:
+        cli.run_lock.release()
+    cli = _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch"),
+                       "--trainer.logger.init_args.save_dir", str(in_tmp / "elsewhere")])
+    try:
+        assert Path(cli.trainer.logger.log_dir) == in_tmp / "elsewhere" / "taps" / "version_0"
+    finally:
+        cli.run_lock.release()
+
+
+def test_unwritable_checkpoint_folder_is_refused_before_training(in_tmp):
+    blocker = in_tmp / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=rf"checkpoint folder \(--checkpoint.dirpath\): cannot write to {blocker}/ckpt"):
+        _cli(TINY + ["--checkpoint.dirpath", str(blocker / "ckpt")])
+    with pytest.raises(SystemExit, match="log folder.*cannot write to"):
+        _cli(TINY + ["--trainer.default_root_dir", str(blocker)])
+
+
+def test_resuming_a_live_run_is_refused(in_tmp):
+    run = in_tmp / "logs" / "taps" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"being written by the live run")
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(SystemExit, match=r"version_0 is in use by a run that is still going.*wait for it to finish"):
+            _cli(TINY + ["--ckpt_path", "last"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"being written by the live run"
+
+
+class _RunsCode:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoint_never_executes_code_whatever_the_environment(in_tmp, monkeypatch):
+    import torch
+
+    from experiments.fit import main
+
+    marker = in_tmp / "executed"
+    crafted = in_tmp / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(str(marker))}, crafted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as on clusters that load old checkpoints
+    with pytest.raises(Exception, match="Weights only load failed"):
+        main(TINY + ["--ckpt_path", str(crafted)])
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_three_runs_started_at_once_keep_their_own_folders(in_tmp, data_home):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TAPS_DATA_HOME": str(data_home), "OMP_NUM_THREADS": "1"}
+    env.pop("TAPS_RUN_VERSION", None)
+    lams = ["0.25", "0.5", "0.75"]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.fit", *TINY, "--model.lam", lam], cwd=in_tmp,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for lam in lams]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
+    runs = sorted((in_tmp / "logs" / "taps").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1", "version_2"]
+    seen = []
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        hparams = yaml.safe_load((run / "hparams.yaml").read_text())
+        assert config["model"]["lam"] == hparams["lam"]
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        seen.append(str(hparams["lam"]))
+    assert sorted(seen) == lams

@@ -1,0 +1,109 @@
+"""Settings that make a run meaningless are refused; a diverged model is never evaluated into a checkpoint."""
+import hashlib
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from helpers import TinyTasks
+from taps_lightning.module import TapsModule
+
+TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
+
+
+def _trainer(tmp_path, **kw):
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=tmp_path)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(lam=-0.5), r"--model.lam must be a finite number >= 0 \(a negative lambda rewards large scores\), got -0.5"),
+    (dict(lam=float("nan")), r"--model.lam must be a finite number >= 0"),
+    (dict(threshold=0.2, score_init=0.15), r"--model.score_init 0.15 < --model.threshold 0.2: .*no layer can ever "
+                                           r"switch on.*linear probe"),
+    (dict(threshold=0.0, score_init=0.15), r"--model.threshold \(tau\) must be a finite number > 0"),
+    (dict(lr=0.0), r"--model.lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("inf")), r"--model.lr must be a finite number > 0"),
+    (dict(score_lr=-1.0), r"--model.score_lr must be a finite number > 0"),
+    (dict(momentum=1.0), r"--model.momentum must be in \[0, 1\)"),
+    (dict(weight_decay=-1e-4), r"--model.weight_decay must be >= 0"),
+    (dict(sparsity_warmup_epochs=-1), r"--model.sparsity_warmup_epochs must be an integer >= 0"),
+])
+def test_meaningless_settings_are_refused_with_the_flag(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TapsModule(tasks={"a": 3}, **{**TINY, **settings})
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ValueError) as info:
+        TapsModule(tasks={"a": 3}, **{**TINY, "lam": -1.0, "lr": -1.0})
+    assert "--model.lam" in str(info.value) and "--model.lr" in str(info.value)
+
+
+def test_baselines_ignore_gate_settings():
+    # a linear probe has no gates: a threshold above score_init is irrelevant there, not an error
+    TapsModule(tasks={"a": 3}, **{**TINY, "mode": "linear", "threshold": 0.2, "score_init": 0.15})
+
+
+def test_endless_run_with_a_cosine_schedule_says_what_to_set(tmp_path):
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    with pytest.raises(ValueError, match=r"cosine schedule needs a finite run.*--trainer.max_epochs N.*"
+                                         r"--model.scheduler none"):
+        _trainer(tmp_path, max_epochs=-1).fit(module, data)
+
+
+def test_sha256_is_case_insensitive_and_checked(tmp_path):
+    import timm
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256=digest.upper(), **TINY)
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="0" * 64, **TINY)
+    with pytest.raises(ValueError, match="not a SHA-256 digest"):
+        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="abc", **TINY)
+
+
+def test_resume_with_another_threshold_is_refused(tmp_path):
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    other = TapsModule(tasks=data.num_classes, **{**TINY, "threshold": 0.12})
+    with pytest.raises(ValueError, match=r"checkpoint was trained with threshold=0.1 but this run has threshold=0.12"):
+        _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+class _BlowUpHead(L.Callback):
+    """At the start of the given epoch's validation, scale one head so its logits overflow to inf
+    (finite weights, non-finite logits, as after a divergence)."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.model.heads["b"].weight.fill_(3e38)  # finite, but any sum of two overflows
+                pl_module.model.heads["b"].bias.fill_(3e38)
+
+
+def test_non_finite_validation_stops_the_run_and_keeps_no_such_checkpoint(tmp_path):
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/acc", mode="max",
+                           filename="best-{epoch:02d}", auto_insert_metric_name=False)
+    trainer = _trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[ckpt, _BlowUpHead(epoch=1)])
+    with pytest.raises(FloatingPointError, match=r"non-finite logits in val at epoch 1 .*b: \d+ samples"):
+        trainer.fit(module, data)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best-00.ckpt", "last.ckpt"]
+    for path in (tmp_path / "ckpt").iterdir():
+        state = torch.load(path, weights_only=True)
+        assert state["epoch"] == 0
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
