@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from .images import DataLayoutError
+
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
@@ -104,7 +106,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             for split in splits.get(stage, SPLITS) if stage else SPLITS:
                 self.datasets.setdefault(task, {})
                 if split not in self.datasets[task]:
-                    self.datasets[task][split] = self.build_dataset(task, split)
+                    self.datasets[task][split] = self.checked_dataset(task, split)
+
+    def checked_dataset(self, task: str, split: str) -> Dataset:
+        """:meth:`build_dataset`, refusing an empty split (its loader would train or test on nothing)."""
+        dataset = self.build_dataset(task, split)
+        if len(dataset) == 0:
+            raise DataLayoutError(f"{type(self).__name__}: task {task!r} has no {split} samples; "
+                                  "run `python -m datamodules.check` on the data folder to see why")
+        return dataset
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         sampler = None if train else _unrepeated_sampler(dataset)

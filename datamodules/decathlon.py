@@ -52,6 +52,8 @@ def read_annotations(path: Path, root: Path, need_labels: bool = True) -> tuple[
     for key in ("images", "categories"):
         if key not in data:
             raise DataLayoutError(f"{path}: no '{key}' list; not a Decathlon annotation file")
+    if not data["images"]:
+        raise DataLayoutError(f"{path}: lists no images; re-download the devkit")
     category_ids = sorted(c["id"] for c in data["categories"])
     label_of = {cid: i for i, cid in enumerate(category_ids)}
     by_image = {a["image_id"]: a["category_id"] for a in data.get("annotations", [])}

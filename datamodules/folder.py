@@ -2,8 +2,9 @@
 ``ImageNetToSketch`` (the Piggyback/TAPS release, which has that layout)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from torch.utils.data import Dataset
 
@@ -11,28 +12,66 @@ from .base import MultiTaskDataModule
 from .images import IMAGE_EXTENSIONS, DataLayoutError, ImageListDataset
 from .transforms import taps_transforms
 
-__all__ = ["ImageFolderTasks", "ImageNetToSketch", "scan_class_folders"]
+__all__ = ["ImageFolderTasks", "ImageNetToSketch", "scan_class_folders", "class_folders"]
+
+
+def _visible(path: Path) -> bool:
+    """Not a hidden file or folder (``.DS_Store``, ``.ipynb_checkpoints``), which are never data."""
+    return not path.name.startswith(".")
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _names(paths: Sequence[Path], limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the (visible) class folders of ``split_dir``."""
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and _visible(d))
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    """Visible files below ``folder`` in sorted order, hidden folders skipped."""
+    for path in sorted(folder.iterdir()):
+        if _visible(path):
+            yield from _files(path) if path.is_dir() else (path,)
 
 
 def scan_class_folders(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """``(path, label)`` for every image below ``split_dir/<class>/``, label = index in ``classes``.
 
     The class list is fixed by the training split, so a class missing from another split
-    (DomainNet's painting/t-shirt) cannot shift the labels; a class the training split lacks
-    is an error.
+    cannot shift the labels (it is warned about: it is never evaluated); a class the training
+    split lacks is an error. Files that are not images (by extension) and files outside the
+    class folders are warned about by name, never dropped silently; hidden files are ignored.
     """
     index = {c: i for i, c in enumerate(classes)}
-    extra = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in index)
+    extra = [name for name in class_folders(split_dir) if name not in index]
     if extra:
         raise DataLayoutError(
             f"{split_dir}: class folder(s) {extra[:5]} are not in the training split's classes; "
             "every split must use the training split's class names"
         )
-    samples = []
-    for name in classes:
-        folder = split_dir / name
-        if folder.is_dir():
-            samples += [(str(p), index[name]) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    samples, ignored = [], []
+    for path in _files(split_dir):
+        label = index.get(path.relative_to(split_dir).parts[0]) if path.parent != split_dir else None
+        if label is not None and _is_image(path):
+            samples.append((str(path), label))
+        else:
+            ignored.append(path)
+    found = {label for _, label in samples}
+    without_images = [name for name in classes if index[name] not in found]
+    if ignored:
+        warnings.warn(f"{split_dir}: ignored {len(ignored)} file(s), not images ({', '.join(IMAGE_EXTENSIONS)}) "
+                      f"in a class folder <class>/: {_names(ignored)}", stacklevel=2)
+    if without_images and samples:
+        warnings.warn(f"{split_dir}: no images for {len(without_images)} class(es) of the training split "
+                      f"{without_images[:5]}; they are never seen in this split (add images or remove the class)",
+                      stacklevel=2)
     return samples
 
 
@@ -72,7 +111,15 @@ class ImageFolderTasks(MultiTaskDataModule):
         if self.expected_classes:
             return list(self.expected_classes)
         self._require_root()
-        return sorted(d.name for d in self.root.iterdir() if (d / "train").is_dir())
+        folders = [d for d in sorted(self.root.iterdir()) if d.is_dir() and _visible(d)]
+        names = [d.name for d in folders if (d / "train").is_dir()]
+        if not names:
+            raise DataLayoutError(f"{self.root} has no task folders: expected {self.root}/<task>/{{train,test}}/"
+                                  "<class>/<image> (a task is a folder with a train/ sub-folder)")
+        if len(names) < len(folders):
+            warnings.warn(f"{self.root}: folder(s) {[d.name for d in folders if d.name not in names][:5]} have no "
+                          "train/ sub-folder and are not used as tasks", stacklevel=2)
+        return names
 
     def classes(self, task: str) -> list[str]:
         """Class names of ``task`` (sorted folder names of its training split)."""
@@ -82,13 +129,17 @@ class ImageFolderTasks(MultiTaskDataModule):
             if not train.is_dir():
                 raise DataLayoutError(f"{train}: missing; expected {self.root}/{task}/train/<class>/<image> "
                                       f"(download the benchmark or drop {task!r} from --data.tasks)")
-            names = sorted(d.name for d in train.iterdir() if d.is_dir())
+            names = class_folders(train)
             want = self.expected_classes.get(task)
             if want is not None and len(names) != want:
                 raise DataLayoutError(f"{train}: {len(names)} class folders, but {task} has {want} classes; "
                                       "the download is incomplete or the folder is another dataset")
             if not names:
                 raise DataLayoutError(f"{train}: no class folders; expected {train}/<class>/<image>")
+            empty = [train / n for n in names if not any(_is_image(p) for p in _files(train / n))]
+            if empty:  # it would still get a head output, which no image ever trains
+                raise DataLayoutError(f"{_names(empty)} has no images: remove the empty class folder or add images "
+                                      f"({', '.join(IMAGE_EXTENSIONS)})")
             self._classes[task] = names
         return self._classes[task]
 

@@ -5,12 +5,19 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataLayoutError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS"]
+__all__ = ["DataLayoutError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS",
+           "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+#: PIL modes of 16-bit greyscale images (16-bit PNG/TIFF; older Pillow opens 16-bit PNGs as
+#: ``I``): ``convert("RGB")`` clips their samples at 255, which turns almost every pixel
+#: white. Pillow already reduces 16-bit RGB(A) and grey+alpha PNGs to 8 bit when it opens them.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class DataLayoutError(FileNotFoundError):
@@ -21,18 +28,37 @@ class CorruptImageError(OSError):
     """An image file that cannot be decoded."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode with PIL (always available, unlike some torchvision.io builds) and convert
-    greyscale, palette and CMYK images to RGB."""
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB; 16-bit greyscale is scaled (``v * 255 / 65535``, rounded), not clipped."""
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"mode {img.mode} with samples in {values.min()}..{values.max()}, outside the 16-bit "
+                             "range 0..65535, so their scale is unknown; save the image with 8 or 16 bits")
+        img = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("32-bit float samples have no fixed range to map to 0..255; save the image with 8 or 16 bits")
+    return img.convert("RGB")
+
+
+def decode_rgb(path: str | Path) -> tuple[Image.Image, str]:
+    """``(8-bit RGB image, the file's PIL mode)``: :func:`load_rgb` plus the mode, which
+    ``datamodules.check`` reports for high bit depth files."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _to_rgb(img), img.mode
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
             f"{path}: cannot decode image ({err}). Replace or delete the file (and its split-file line), "
             "or pass skip_corrupt=True to skip such files with a warning"
         ) from err
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode with PIL (always available, unlike some torchvision.io builds) and convert
+    greyscale, palette, CMYK and 16-bit images to 8-bit RGB."""
+    return decode_rgb(path)[0]
 
 
 class ImageListDataset(Dataset):

@@ -84,9 +84,10 @@ class TapsLayer(nn.Module):
         return list(self.taps_score.keys())
 
     def add_task(self, task: str) -> None:
-        """Create a zero delta and a score of ``score_init`` for ``task``."""
+        """Create a zero delta and a score of ``score_init`` for ``task``. The delta has the base
+        weight's memory format (e.g. channels_last), so ``dL/dw`` lands in it without a copy."""
         weight = self.base_layer.weight
-        self.taps_delta[task] = nn.Parameter(torch.zeros_like(weight, memory_format=torch.contiguous_format))
+        self.taps_delta[task] = nn.Parameter(torch.zeros_like(weight))
         self.taps_score[task] = nn.Parameter(torch.tensor(self.score_init, device=weight.device, dtype=torch.float32))
 
     def remove_task(self, task: str) -> None:

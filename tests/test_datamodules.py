@@ -33,7 +33,11 @@ def test_image_folder_counts_labels_and_greyscale(tmp_path):
     _folder_tree(tmp_path, test_classes=2)  # test lacks class2: labels must not shift
     dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
     assert dm.num_classes == {"cars": 3, "flowers": 3}
-    dm.setup("fit")
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    assert sorted(str(w.message) for w in record) == [
+        f"{tmp_path}/{task}/test: no images for 1 class(es) of the training split ['class2']; they are never "
+        "seen in this split (add images or remove the class)" for task in ("cars", "flowers")]
     train, val = dm.datasets["flowers"]["train"], dm.datasets["flowers"]["val"]
     assert len(train) == 6 and len(val) == 4
     path, label = train.samples[train.samples.index((str(tmp_path / "flowers/train/class2/1.jpg"), 2))]
@@ -170,3 +174,130 @@ def test_check_cli_prints_counts(tmp_path, capsys):
     assert check_main(["domainnet", str(tmp_path), "--tasks", "clipart"]) == 0
     out = capsys.readouterr().out
     assert "clipart: 345 classes; images: train 4, val 2, test 2" in out and "OK" in out
+
+
+# -- faults: each of these was accepted silently before -------------------------------------
+
+def _png16(path: Path, values) -> Path:
+    """A real 16-bit greyscale PNG (PIL mode ``I;16``)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.array(values, dtype=np.uint16)).save(path)
+    return path
+
+
+# round(v * 255 / 65535) by hand: 128 / 257 = 0.498 -> 0, 129 / 257 = 0.502 -> 1, 32896 = 128 * 257,
+# 65278 = 254 * 257, 65534 / 257 = 254.996 -> 255
+SIXTEEN_BIT = [[0, 128, 129, 257], [32896, 65278, 65534, 65535]]
+EIGHT_BIT = [[0, 0, 1, 1], [128, 254, 255, 255]]
+
+
+def _write_16bit(path: Path, kind: str) -> Path:
+    import numpy as np
+
+    values = np.array(SIXTEEN_BIT, dtype=np.uint16)
+    if kind == "png":
+        return _png16(path.with_suffix(".png"), values)
+    if kind == "pgm":  # binary PGM, maxval 65535, big-endian samples
+        path.with_suffix(".pgm").write_bytes(b"P5 4 2 65535\n" + values.astype(">u2").tobytes())
+        return path.with_suffix(".pgm")
+    Image.fromarray(values.astype(">u2" if kind == "tiff16b" else np.int32)).save(path.with_suffix(".tif"))
+    return path.with_suffix(".tif")
+
+
+@pytest.mark.parametrize("kind,mode", [("png", "I;16"), ("tiff16b", "I;16B"), ("tiff32", "I"), ("pgm", "I")])
+def test_16bit_greyscale_is_scaled_to_8bit_not_clipped(tmp_path, kind, mode):
+    from torchvision.transforms import v2
+
+    from datamodules.images import ImageListDataset
+
+    path = _write_16bit(tmp_path / "a", kind)
+    assert Image.open(path).mode == mode
+    image, _ = ImageListDataset([(str(path), 0)], v2.PILToTensor())[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 2, 4)
+    for channel in image:
+        assert channel.tolist() == EIGHT_BIT
+
+
+def test_check_names_high_bit_depth_files_and_float_images_are_refused(tmp_path, capsys):
+    import numpy as np
+
+    _folder_tree(tmp_path, tasks=("t",), classes=2, per_class=1)
+    deep = _png16(tmp_path / "t/train/class0/deep.png", [[1000, 60000]])
+    assert check_main(["imagefolder", str(tmp_path)]) == 0  # information, not a problem
+    out = capsys.readouterr().out
+    assert f"INFO 1 high bit depth image(s) (16-bit greyscale), scaled to 8 bit when loaded: {deep}" in out
+    assert "OK: no problems found" in out
+    floats = tmp_path / "t/train/class1/float.tif"  # 0..1 or 0..255? nobody can tell: refused by name
+    Image.fromarray(np.full((2, 2), 0.5, np.float32)).save(floats)
+    assert check_main(["imagefolder", str(tmp_path)]) == 1
+    assert f"PROBLEM {floats}: cannot decode image (32-bit float samples" in capsys.readouterr().out
+
+
+def test_empty_root_is_refused_by_check_setup_and_fit(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    root = tmp_path / "empty"
+    message = rf"{root} has no task folders: expected {root}/<task>/\{{train,test\}}/<class>/<image>"
+    assert check_main(["imagefolder", str(root), "--quick"]) == 1
+    assert "PROBLEM" in capsys.readouterr().out
+    with pytest.raises(DataLayoutError, match=message):
+        ImageFolderTasks(str(root), num_workers=0).setup("fit")
+    from experiments.fit import main as fit_main
+
+    with pytest.raises(DataLayoutError, match=message):  # about the folder, not "no tasks" from the model
+        fit_main(["--data", "ImageFolderTasks", "--data.init_args.root", str(root),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+
+
+def test_empty_class_folder_is_refused(tmp_path, capsys):
+    _folder_tree(tmp_path, tasks=("t",))
+    (tmp_path / "t/train/class9").mkdir()  # would get a head output that no image trains
+    (tmp_path / "t/train/class8").mkdir()
+    (tmp_path / "t/train/class8/notes.txt").write_text("no image here")
+    message = f"{tmp_path}/t/train/class8, {tmp_path}/t/train/class9 has no images: remove the empty class folder"
+    with pytest.raises(DataLayoutError, match=message):
+        ImageFolderTasks(str(tmp_path), num_workers=0).setup("fit")
+    assert check_main(["imagefolder", str(tmp_path), "--quick"]) == 1
+    assert message in capsys.readouterr().out
+
+
+def test_ignored_files_and_missing_test_classes_are_warned_by_name(tmp_path, capsys):
+    _folder_tree(tmp_path, tasks=("t",), classes=3, per_class=1)
+    (tmp_path / "t/train/class0/labels.csv").write_text("x")  # unsupported extension
+    _img(tmp_path / "t/train/loose.jpg", 3)  # outside any class folder
+    (tmp_path / "t/train/class0/.DS_Store").write_text("x")  # hidden: ignored without a word
+    (tmp_path / "t/train/.ipynb_checkpoints").mkdir()  # hidden folder: not a class
+    for image in (tmp_path / "t/test/class2").iterdir():
+        image.unlink()  # class2 is trained but never tested
+    (tmp_path / "notes").mkdir()  # a folder without train/: not a task
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0)
+    with pytest.warns(UserWarning) as record:
+        assert dm.num_classes == {"t": 3}
+        dm.setup("fit")
+    messages = "\n".join(str(w.message) for w in record)
+    assert f"{tmp_path}/t/train: ignored 2 file(s), not images" in messages
+    assert f"{tmp_path}/t/train/class0/labels.csv, {tmp_path}/t/train/loose.jpg" in messages
+    assert ".DS_Store" not in messages
+    assert f"{tmp_path}/t/test: no images for 1 class(es) of the training split ['class2']" in messages
+    assert f"{tmp_path}: folder(s) ['notes'] have no train/ sub-folder" in messages
+    assert len(dm.datasets["t"]["train"]) == 3 and len(dm.datasets["t"]["val"]) == 2
+    assert check_main(["imagefolder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING") == 3 and "OK: no problems found (3 warning(s))" in out
+
+
+def test_empty_splits_of_every_benchmark_are_refused(tmp_path):
+    _decathlon(tmp_path / "decathlon")
+    train = tmp_path / "decathlon/annotations/vgg-flowers_train.json"
+    train.write_text(json.dumps({**json.loads(train.read_text()), "images": [], "annotations": []}))
+    with pytest.raises(DataLayoutError, match="vgg-flowers_train.json: lists no images"):
+        VisualDecathlon(str(tmp_path / "decathlon"), tasks=["vgg-flowers"], num_workers=0).setup("fit")
+    (tmp_path / "domainnet").mkdir()
+    (tmp_path / "domainnet/clipart_train.txt").write_text("\n")
+    with pytest.raises(DataLayoutError, match="clipart_train.txt: no samples"):
+        DomainNet(str(tmp_path / "domainnet"), tasks=["clipart"], num_workers=0).setup("fit")
+    from tests.helpers import TinyTasks
+
+    with pytest.raises(DataLayoutError, match="task 'a' has no train samples"):  # any other DataModule
+        TinyTasks.make(n=0).setup("fit")
