@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .gate import gate_open
 from .inject import set_submodule
 
 from .model import TapsModel
@@ -170,7 +171,7 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
                 layer.taps_score[task].copy_(score.reshape(()))
                 if f"delta.{name}" in tensors:
                     layer.taps_delta[task].copy_(tensors[f"delta.{name}"])
-                elif bool(score.item() >= model.threshold):
+                elif bool(gate_open(score, model.threshold)):
                     raise KeyError(f"delta.{name}")
             for name, norm in model.task_norms():
                 prefix = f"norm.{name}."

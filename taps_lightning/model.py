@@ -7,6 +7,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .gate import gate_open
 from .inject import inject_taps, strip_classifier
 from .layers import TapsLayer, create_taps_layer
 from .norms import TaskNorm
@@ -193,8 +194,8 @@ class TapsModel(nn.Module):
         if task is None or not (self.training or torch.is_grad_enabled()):
             return []
         layers = [layer for _, layer in self.taps_layers()]
-        scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
-        for layer, active in zip(layers, (scores >= self.threshold).tolist()):
+        scores = torch.stack([layer.taps_score[task] for layer in layers])
+        for layer, active in zip(layers, gate_open(scores, self.threshold).tolist()):
             layer.gate_hint = (task, active)
         return layers
 
