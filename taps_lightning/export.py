@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .gate import gate_open
-from .inject import set_submodule
+from .inject import restore_classifier
 
 from .model import TapsModel
 from .progressive import ProgressiveAdapterModel
@@ -200,11 +200,7 @@ def merge(model: TapsModel, task: str) -> nn.Module:
     for _, norm in model.task_norms():
         memo[id(norm)] = copy.deepcopy(norm.norms[task])
     merged = copy.deepcopy(model.backbone, memo)
-    head = copy.deepcopy(model.heads[task])
-    if model.head_path is None:
-        merged = nn.Sequential(merged, head)
-    else:
-        set_submodule(merged, model.head_path, head)
+    merged = restore_classifier(merged, model.classifier, copy.deepcopy(model.heads[task]))
     merged.requires_grad_(True)
     return merged.train(model.training)
 
