@@ -12,14 +12,15 @@ from .model import TapsModel
 __all__ = ["sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple"]
 
 
-def sparsity_loss(model: TapsModel, task: str) -> Tensor:
+def sparsity_loss(model: TapsModel, task: str, divisor: float | None = None) -> Tensor:
     """``(1/L) * sum_i |s_i|`` over ``task``'s scores, ``L`` = number of gated layers.
 
     Multiply by ``lambda`` for the paper's penalty (Eq. 3). Differentiable in the scores.
+    ``divisor`` replaces ``L`` (the authors' script divides by 52 whatever the backbone).
     """
     model._check_task(task)
     scores = [layer.taps_score[task] for _, layer in model.taps_layers()]
-    return torch.stack(scores).abs().sum() / len(scores)
+    return torch.stack(scores).abs().sum() / (divisor or len(scores))
 
 
 def layer_scores(model: TapsModel, task: str) -> "OrderedDict[str, float]":
