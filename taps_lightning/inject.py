@@ -73,11 +73,6 @@ def _strip_timm(backbone: nn.Module) -> Classifier:
     if not all(paths) or any(layer is None for layer in layers):
         raise ValueError(f"cannot find the classifier of timm model {name}: get_classifier() after reset_classifier(1) "
                          f"returned {[type(m).__name__ for m in probes]}, not a Linear/Conv head of the model")
-    backbone.reset_classifier(0)
-    for path in paths:
-        if not isinstance(backbone.get_submodule(path), nn.Identity):
-            raise ValueError(f"timm model {name}: reset_classifier(0) left {path} as "
-                             f"{type(backbone.get_submodule(path)).__name__}, not nn.Identity; cannot remove its classifier")
     for path, layer in zip(paths, layers):
         if not (isinstance(layer, nn.Linear) or (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1))):
             raise ValueError(f"timm model {name}: its classifier at {path} is {layer}; a task head replaces "
@@ -87,6 +82,11 @@ def _strip_timm(backbone: nn.Module) -> Classifier:
     if len(widths) != 1 or len(conv) != 1:
         raise ValueError(f"timm model {name}: its classifiers {paths} differ in input width or kind; "
                          "one task head cannot replace them")
+    backbone.reset_classifier(0)
+    for path in paths:
+        if not isinstance(backbone.get_submodule(path), nn.Identity):
+            raise ValueError(f"timm model {name}: reset_classifier(0) left {path} as "
+                             f"{type(backbone.get_submodule(path)).__name__}, not nn.Identity; cannot remove its classifier")
     return Classifier(paths[0] if len(paths) == 1 else tuple(paths), widths.pop(), conv.pop())
 
 
@@ -105,7 +105,7 @@ def _strip_by_name(backbone: nn.Module, num_features: int | None) -> Classifier:
     if num_features is not None:
         return Classifier(None, int(num_features))
     raise ValueError(
-        f"cannot find the classifier of {type(backbone).__name__}: it is no timm model and has no Linear under "
+        f"cannot find the classifier of {type(backbone).__name__}: it is not a timm model and has no Linear under "
         f"{', '.join(_CLASSIFIER_NAMES)}. Remove the classifier yourself and pass the feature width "
         "(TapsModel(..., num_features=N)) for a backbone whose forward returns pooled features."
     )
