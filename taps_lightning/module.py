@@ -130,6 +130,9 @@ class TapsModule(L.LightningModule):
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
         if scheduler not in ("cosine", "cosine_step", "none"):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' (per epoch), 'cosine_step' or 'none'")
+        if not (penalty_divisor is None or penalty_divisor > 0) or not (cosine_epochs is None or cosine_epochs >= 1):
+            raise ValueError(f"--model.penalty_divisor must be > 0 (got {penalty_divisor}) and --model.cosine_epochs "
+                             f">= 1 (got {cosine_epochs}); leave them unset for L and max_epochs")
         self.save_hyperparameters()
         if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
             raise ValueError(f"{weights}: SHA-256 differs from the expected {weights_sha256}; the file is not the one "
