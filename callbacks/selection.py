@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 
-from taps_lightning import TapsModel, layer_scores
+from taps_lightning import TapsModel, gate_states, layer_scores
 
 __all__ = ["selection_matrix", "draw_heatmap", "LayerSelectionLogger"]
 
@@ -16,7 +16,7 @@ def selection_matrix(model: TapsModel) -> tuple[list[str], list[str], np.ndarray
     tasks = model.tasks
     layers = model.layer_order()
     scores = np.array([list(layer_scores(model, t).values()) for t in tasks], dtype=np.float32).reshape(len(tasks), -1)
-    mask = (scores >= model.threshold).astype(np.float32)
+    mask = np.array([list(gate_states(model, t).values()) for t in tasks], dtype=np.float32).reshape(scores.shape)
     return tasks, layers, mask, scores
 
 

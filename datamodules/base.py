@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from .images import DataLayoutError
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
 
@@ -72,6 +73,13 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.datasets: dict[str, dict[str, Dataset]] = {}
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise images with the backbone's ``mean``/``std`` (``experiments.fit`` passes the timm
+        model's ``pretrained_cfg`` values; ImageNet's until then). Datasets built so far are rebuilt."""
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.datasets.clear()
 
     # -- what subclasses define ---------------------------------------------------------
     @property

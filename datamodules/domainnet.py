@@ -76,5 +76,6 @@ class DomainNet(MultiTaskDataModule):
         return read_split_file(self.root / f"{task}_{split}.txt", self.root, self.check_files)
 
     def build_dataset(self, task: str, split: str) -> Dataset:
-        return ImageListDataset(self.samples(task, split), taps_transforms(split == "train", self.image_size),
+        transform = taps_transforms(split == "train", self.image_size, mean=self.mean, std=self.std)
+        return ImageListDataset(self.samples(task, split), transform,
                                 self.skip_corrupt)

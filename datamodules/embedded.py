@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from .base import MultiTaskDataModule, TensorImageDataset
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["EmbeddedDigits", "build_embedded_digits", "DOMAINS"]
 
@@ -150,7 +149,7 @@ class EmbeddedDigits(MultiTaskDataModule):
         ops = [v2.ToDtype(torch.float32, scale=True), v2.Resize(self.resize_to, antialias=True)]
         if train and self.augment:
             ops.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
-        ops.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+        ops.append(v2.Normalize(self.mean, self.std))
         return v2.Compose(ops)
 
     def build_dataset(self, task: str, split: str) -> TensorImageDataset:

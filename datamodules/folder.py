@@ -167,7 +167,7 @@ class ImageFolderTasks(MultiTaskDataModule):
         samples = scan_class_folders(self.split_dir(task, split), self.classes(task))
         if not samples:
             raise DataLayoutError(f"{self.split_dir(task, split)}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        transform = taps_transforms(split == "train", self.image_size, cropped=task in self.cropped_tasks)
+        transform = taps_transforms(split == "train", self.image_size, task in self.cropped_tasks, self.mean, self.std)
         return ImageListDataset(samples, transform, self.skip_corrupt)
 
 

@@ -136,6 +136,12 @@ class TapsCLI(LightningCLI):
         check_writable(ckpt_dir / "adapters", "the adapter folder")
         return lock
 
+    def after_instantiate_classes(self) -> None:
+        # normalise inputs as the backbone's weights expect (timm pretrained_cfg: 0.5/0.5 for the
+        # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
+        if hasattr(self.datamodule, "set_normalization"):
+            self.datamodule.set_normalization(*self.model.input_mean_std)
+
 
 def main(args: list[str] | None = None) -> TapsCLI:
     cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,

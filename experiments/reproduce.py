@@ -5,15 +5,18 @@ TAPS at lambda 0.25 / 0.5 / 0.75, joint TAPS, memory-efficient TAPS, joint (mult
 fine-tuning and progressive task-specific adapters on the embedded digit
 domains (``python -m experiments.fit`` defaults otherwise), tests each best checkpoint and
 writes ``docs/results.md`` in the layout of the paper's Tables 1 and 5, with the paper's own
-numbers quoted for reference. ``--quick`` runs a tiny version (for the tests).
+numbers quoted for reference. ``--seeds 0 1 2`` trains every row once per seed and reports the
+mean and the standard deviation over seeds. ``--quick`` runs a tiny version (for the tests).
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -52,32 +55,48 @@ PAPER = """Paper, for reference (real benchmarks, ResNet-50 / ResNet-34 at 224 p
 """
 
 
-def run_variant(extra: list[str], common: list[str], overrides: list[str]) -> list[dict]:
+def run_variant(extra: list[str], common: list[str], overrides: list[str], seed: int = 0) -> list[dict]:
     from experiments.fit import main
 
-    cli = main(common + extra + overrides)
+    cli = main(common + extra + overrides + ["--seed_everything", str(seed)])
     report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResultsReport))
     return report.rows
 
 
-def format_results(results: list[tuple[str, list[dict]]], command: str, seconds: float) -> str:
-    tasks = [r["task"] for r in results[0][1][:-1]]
+def _mean_std(values: list[float], digits: int, suffix: str = "") -> str:
+    """``mean`` for one run, ``mean ± std`` (sample standard deviation) over several."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{suffix}"
+    return f"{mean:.{digits}f}{suffix} ± {statistics.stdev(values):.{digits}f}"
+
+
+def format_results(results: list[tuple[str, list[list[dict]]]], command: str, seconds: float,
+                   seeds: Sequence[int] = (0,)) -> str:
+    """Markdown table; ``results`` holds, per row label, the report rows of each seed's run."""
+    tasks = [r["task"] for r in results[0][1][0][:-1]]
     head = "| method | params (x backbone) | " + " | ".join(tasks) + " | mean | % task params (mean) | active layers (mean) |"
     rule = "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"
     lines = [head, rule]
-    for label, rows in results:
-        per_task, total = rows[:-1], rows[-1]
-        n = len(per_task)
+    for label, runs in results:
+        n = len(tasks)
+        per_task = [[run[i]["accuracy"] for run in runs] for i in range(n)]
+        pct = [sum(r["task_params_pct"] for r in run[:-1]) / n for run in runs]
+        active = [sum(r["active_layers"] for r in run[:-1]) / n for run in runs]
         lines.append(
-            f"| {label} | {total['params_multiple']:.2f}x | " + " | ".join(f"{r['accuracy']:.2f}" for r in per_task)
-            + f" | {total['accuracy']:.2f} | {sum(r['task_params_pct'] for r in per_task) / n:.1f} | "
-            + f"{sum(r['active_layers'] for r in per_task) / n:.1f} / {per_task[0]['gated_layers']} |"
+            f"| {label} | {_mean_std([run[-1]['params_multiple'] for run in runs], 2, 'x')} | "
+            + " | ".join(f"{statistics.fmean(accs):.2f}" for accs in per_task)
+            + f" | {_mean_std([run[-1]['accuracy'] for run in runs], 2)} | {_mean_std(pct, 1)} | "
+            + f"{_mean_std(active, 1)} / {runs[0][0]['gated_layers']} |"
         )
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+    runs = (f"seed {seeds[0]}, one run per row" if len(seeds) == 1 else
+            f"seeds {', '.join(map(str, seeds))}: every figure is the mean over seeds, ± the standard deviation "
+            "over seeds (per-task columns: means only)")
     return (
         "# Results on the embedded benchmark\n\n"
         f"Command: `{command}` ({seconds / 60:.1f} min wall on {machine}); test split, best checkpoint "
-        "by mean validation accuracy, seed 0, one run per row.\n\n" + "\n".join(lines) + "\n\n"
+        f"by mean validation accuracy, {runs}.\n\n" + "\n".join(lines) + "\n\n"
         "Params: base plus every task's task-specific parameters (an adapter shared by several tasks counted once), in backbones (the paper's Params column). "
         "% task params: each task's own parameters (active deltas, norms, head) as % of the backbone.\n\n" + PAPER
     )
@@ -88,16 +107,22 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--quick", action="store_true", help="tiny run for testing the pipeline")
     parser.add_argument("--only", nargs="*", default=None, help="row labels to run (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="train every row once per seed; the table shows mean ± standard deviation (default: 0)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {label for label, _ in VARIANTS})
+    if unknown:
+        parser.error(f"--only: unknown row(s) {unknown}; rows are {[label for label, _ in VARIANTS]}")
     common = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "reproduce"]
     overrides = QUICK if args.quick else []
     start = time.time()
-    results = [(label, run_variant(extra, common, overrides)) for label, extra in VARIANTS
-               if args.only is None or label in args.only]
-    command = "python -m experiments.reproduce" + (" --quick" if args.quick else "")
+    results = [(label, [run_variant(extra, common, overrides, seed) for seed in args.seeds])
+               for label, extra in VARIANTS if args.only is None or label in args.only]
+    command = ("python -m experiments.reproduce" + (" --quick" if args.quick else "")
+               + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(format_results(results, command, time.time() - start))
+    out.write_text(format_results(results, command, time.time() - start, args.seeds))
     print(out.read_text())
     return out
 

@@ -5,7 +5,7 @@ the LightningModule and is imported only on demand.
 """
 from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task
 from .factory import create_backbone, create_taps_model, load_weights
-from .gate import gated_weight, hard_gate
+from .gate import gate_open, gated_weight, hard_gate
 from .inject import inject_taps, strip_classifier
 from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
 from .model import TapsModel
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TapsModel", "ProgressiveAdapterModel", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
-    "gated_weight", "hard_gate",
+    "gate_open", "gated_weight", "hard_gate",
     "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",
     "save_task", "load_task", "merge", "layout_signature", "base_fingerprint", "TaskFileError",
 ]

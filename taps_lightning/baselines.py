@@ -29,7 +29,7 @@ class MultiHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], copy_per_task: bool,
                  train_backbone: bool, backbone_name: str | None = None) -> None:
         super().__init__()
-        self.head_path, self.num_features = strip_classifier(backbone)
+        self.head_path, self.num_features = strip_classifier(backbone)[:2]
         self.backbone_name = backbone_name or type(backbone).__name__
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.copy_per_task = copy_per_task

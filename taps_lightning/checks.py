@@ -31,7 +31,8 @@ def _finite(value) -> bool:
 def check_training_settings(*, taps: bool, lam: float, threshold: float, score_init: float, lr: float,
                             momentum: float, weight_decay: float, score_lr: float | None,
                             sparsity_warmup_epochs: int, joint_epochs: int, adapter_rank: int,
-                            num_stages: int, similarity_batches: int) -> None:
+                            num_stages: int, similarity_batches: int, penalty_divisor: float | None = None,
+                            cosine_epochs: int | None = None) -> None:
     """Raise ``ValueError`` listing every out-of-range training setting.
 
     Args:
@@ -56,6 +57,10 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
     need(isinstance(num_stages, int) and num_stages >= 1, f"--model.num_stages must be >= 1, got {num_stages}")
     need(isinstance(similarity_batches, int) and similarity_batches >= 1,
          f"--model.similarity_batches must be >= 1, got {similarity_batches}")
+    need(penalty_divisor is None or (_finite(penalty_divisor) and penalty_divisor > 0),
+         f"--model.penalty_divisor must be > 0 (or null for L, the number of gated layers), got {penalty_divisor}")
+    need(cosine_epochs is None or (isinstance(cosine_epochs, int) and cosine_epochs >= 1),
+         f"--model.cosine_epochs must be an integer >= 1 (or null for --trainer.max_epochs), got {cosine_epochs}")
     if taps:
         need(_finite(lam) and lam >= 0,
              f"--model.lam must be a finite number >= 0 (a negative lambda rewards large scores), got {lam}")

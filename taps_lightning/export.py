@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import set_submodule
+from .gate import gate_open
+from .inject import restore_classifier
 
 from .model import TASK_NAME, TapsModel
 from .progressive import ProgressiveAdapterModel
@@ -208,7 +209,7 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
     check_finite(tensors, str(path), fix)
     for name, _ in model.taps_layers():
         score = tensors[f"score.{name}"]
-        if bool(score.float().reshape(()) >= model.threshold) and f"delta.{name}" not in tensors:
+        if gate_open(score.reshape(()), model.threshold) and f"delta.{name}" not in tensors:
             raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
                                 f"delta.{name} is missing; {fix}")
 
@@ -292,11 +293,7 @@ def merge(model: TapsModel, task: str) -> nn.Module:
     for _, norm in model.task_norms():
         memo[id(norm)] = copy.deepcopy(norm.norms[task])
     merged = copy.deepcopy(model.backbone, memo)
-    head = copy.deepcopy(model.heads[task])
-    if model.head_path is None:
-        merged = nn.Sequential(merged, head)
-    else:
-        set_submodule(merged, model.head_path, head)
+    merged = restore_classifier(merged, model.classifier, copy.deepcopy(model.heads[task]))
     merged.requires_grad_(True)
     return merged.train(model.training)
 

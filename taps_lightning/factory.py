@@ -11,7 +11,7 @@ from torch import nn
 
 from .model import TapsModel
 
-__all__ = ["create_backbone", "create_taps_model", "load_weights"]
+__all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std"]
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict:
@@ -91,6 +91,13 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | os.PathL
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def input_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the model's inputs are normalised with: its timm ``pretrained_cfg``
+    (0.5/0.5 for most ViTs, ImageNet's for most CNNs; ImageNet's if it has none)."""
+    cfg = timm.data.resolve_model_data_config(model)
+    return tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
 
 
 def create_taps_model(

@@ -15,12 +15,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hard_gate", "gated_weight"]
+__all__ = ["gate_open", "hard_gate", "gated_weight"]
+
+
+def gate_open(score: Tensor, threshold: float) -> Tensor:
+    """``score >= threshold`` as a bool tensor (one score or a stack of them, no gradient).
+
+    The one gate rule of the package: the forward, ``gate_states``, ``count_params``,
+    ``save_task``, ``load_task`` and ``merge`` all decide through it. The comparison runs in
+    the score's dtype with ``threshold`` rounded to it (PyTorch's tensor-vs-float rule, as in
+    the authors' code), so a score equal to fp32(0.7), which lies below 0.7, is active;
+    comparing Python floats instead would call that layer inactive.
+    """
+    return score.detach() >= threshold
 
 
 def hard_gate(score: Tensor, threshold: float) -> Tensor:
     """``I(score >= threshold)`` as a 0/1 tensor of ``score``'s dtype (no gradient)."""
-    return (score.detach() >= threshold).to(score.dtype)
+    return gate_open(score, threshold).to(score.dtype)
 
 
 class _GatedWeight(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused import fusable, gated_layer_forward
-from .gate import gated_weight
+from .gate import gate_open, gated_weight
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
 
@@ -99,7 +99,7 @@ class TapsLayer(nn.Module):
 
     def is_active(self, task: str) -> bool:
         """Whether ``task`` uses its own weights here (``score >= threshold``); syncs with the device."""
-        return bool(self.taps_score[task].detach() >= self.threshold)
+        return bool(gate_open(self.taps_score[task], self.threshold))
 
     def get_delta_weight(self, task: str) -> Tensor:
         """``I(s >= tau) * delta`` for ``task``, detached (what merging adds to the base)."""

@@ -7,6 +7,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .gate import gate_open
 from .inject import inject_taps, strip_classifier
 from .layers import TapsLayer, create_taps_layer
 from .norms import TaskNorm
@@ -29,15 +30,17 @@ class TapsModel(nn.Module):
     the task that ``forward`` runs; switching is a pointer change, nothing is reloaded.
 
     Args:
-        backbone: a timm or torchvision classifier (its classifier is removed) or any module
-            returning pooled features (then give ``num_features``).
+        backbone: a timm or torchvision classifier (its classifier is removed, see
+            :func:`~taps_lightning.inject.strip_classifier`) or any module returning pooled
+            features (then give ``num_features``).
         tasks: ``{task_name: num_classes}`` to create now; more with :meth:`add_task`.
         threshold: ``tau``; a layer is task-specific for a task when its score is ``>= tau``.
         score_init: initial score of each layer for a new task (``> tau``: all layers start active).
         freeze_base: ``True`` for incremental TAPS (Eq. 3, shared weights frozen), ``False`` for
             joint TAPS (Eq. 4, shared weights trained by all tasks).
         exclude: module names (or prefixes) to leave shared and ungated.
-        num_features: feature width, if it cannot be read from the backbone.
+        num_features: feature width of a backbone without classifier (a plain module whose
+            forward returns pooled features); read from the classifier otherwise.
         backbone_name: name stored in exported adapters (default: timm architecture or class name).
         recompute_weight: rebuild each gated weight in backward instead of saving it (less
             training memory, one add more per active layer); ``False`` keeps it saved.
@@ -59,8 +62,12 @@ class TapsModel(nn.Module):
         self.threshold = float(threshold)
         self.score_init = float(score_init)
         self.backbone_name = backbone_name or _backbone_name(backbone)
-        self.head_path, found_features = strip_classifier(backbone)
-        self.num_features = int(num_features or found_features)
+        self.classifier = strip_classifier(backbone, num_features)
+        self.head_path = self.classifier.path
+        if num_features is not None and int(num_features) != self.classifier.num_features:
+            raise ValueError(f"num_features={num_features}, but the backbone's classifier took "
+                             f"{self.classifier.num_features} features; drop num_features or fix it")
+        self.num_features = self.classifier.num_features
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.gated_names, self.norm_names = inject_taps(
             backbone, exclude=exclude,
@@ -193,8 +200,8 @@ class TapsModel(nn.Module):
         if task is None or not (self.training or torch.is_grad_enabled()):
             return []
         layers = [layer for _, layer in self.taps_layers()]
-        scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
-        for layer, active in zip(layers, (scores >= self.threshold).tolist()):
+        scores = torch.stack([layer.taps_score[task] for layer in layers])
+        for layer, active in zip(layers, gate_open(scores, self.threshold).tolist()):
             layer.gate_hint = (task, active)
         return layers
 

@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .baselines import MultiHeadModel
 from .checks import check_training_settings, normalize_sha256
-from .factory import create_backbone
+from .factory import create_backbone, input_mean_std
 from .model import TapsModel
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 from .stats import count_params, sparsity_loss, total_params_multiple
@@ -65,16 +65,21 @@ class TapsModule(L.LightningModule):
             feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads),
             ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity).
         lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|``.
+        penalty_divisor: divide ``sum |s|`` by this instead of ``L`` (the authors' script: 52).
         threshold: ``tau``.
         score_init: initial layer score (above ``tau``: every layer starts task-specific).
-        sparsity_warmup_epochs: epochs of TAPS training before the penalty starts.
+        sparsity_warmup_epochs: epochs of TAPS training before the penalty starts (3: the authors'
+            script penalises from epoch index ``warmup_epochs + 1`` = 3).
         joint_epochs: memory-efficient mode: length of the joint phase.
         lr: learning rate (SGD with momentum; the paper's optimiser).
         momentum: SGD momentum.
-        nesterov: Nesterov momentum (the authors' "nag").
+        nesterov: Nesterov momentum (off: the authors' script builds plain-momentum SGD).
         weight_decay: applied to all trained weights except the scores.
         score_lr: learning rate of the scores (default: ``lr``).
-        scheduler: ``cosine`` (per step, over the whole run) or ``none``.
+        scheduler: ``cosine`` (per epoch, as the authors' ``CosineAnnealingLR``), ``cosine_step``
+            (per optimizer step) or ``none``.
+        cosine_epochs: length of the per-epoch cosine (default ``trainer.max_epochs``); the
+            authors' script runs one epoch past its 30-epoch cosine, at learning rate 0.
         pretrained: load timm hub weights (downloads once; never in the tests).
         weights: local weights file for the backbone (see ``taps_lightning.load_weights``).
         weights_sha256: expected SHA-256 of ``weights``; a different file is refused.
@@ -98,14 +103,16 @@ class TapsModule(L.LightningModule):
         lam: float = 0.5,
         threshold: float = 0.1,
         score_init: float = 0.15,
-        sparsity_warmup_epochs: int = 2,
+        sparsity_warmup_epochs: int = 3,
         joint_epochs: int = 1,
         lr: float = 0.01,
         momentum: float = 0.9,
-        nesterov: bool = True,
+        nesterov: bool = False,
         weight_decay: float = 0.0,
         score_lr: float | None = None,
         scheduler: str = "cosine",
+        cosine_epochs: int | None = None,
+        penalty_divisor: float | None = None,
         pretrained: bool = False,
         weights: str | None = None,
         weights_sha256: str | None = None,
@@ -122,19 +129,20 @@ class TapsModule(L.LightningModule):
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not tasks:
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
-        if scheduler not in ("cosine", "none"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' or 'none'")
+        if scheduler not in ("cosine", "cosine_step", "none"):
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' (per epoch), 'cosine_step' or 'none'")
         check_training_settings(
             taps=mode in TAPS_MODES, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
             weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
             joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
-            similarity_batches=similarity_batches)
+            similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs)
         weights_sha256 = normalize_sha256(weights_sha256)
         self.save_hyperparameters()
         if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
             raise ValueError(f"{weights}: SHA-256 differs from the expected {weights_sha256}; the file is not the one "
                              "the experiment was set up with (re-install it or drop weights_sha256)")
         net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
+        self.input_mean_std = input_mean_std(net)  # what experiments.fit normalises the data with
         self.backbone_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in net.modules())
         self.tasks = dict(tasks)
         if mode == "progressive":
@@ -215,7 +223,7 @@ class TapsModule(L.LightningModule):
         for task, (x, y) in batch.items():
             loss = F.cross_entropy(self.model(x, task), y)
             if self.is_taps:
-                sparsity = sparsity_loss(self.model, task)
+                sparsity = sparsity_loss(self.model, task, self.hparams.penalty_divisor)
                 sparsities.append(sparsity.detach())
                 loss = loss + lam * sparsity
             losses[task] = loss
@@ -385,18 +393,21 @@ class TapsModule(L.LightningModule):
         optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
         if hp.scheduler == "none":
             return optimizer
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        per_epoch = hp.scheduler == "cosine"
+        total = (hp.cosine_epochs or epochs) if per_epoch else self.trainer.estimated_stepping_batches
+        if not total or not math.isfinite(total):
             raise ValueError(
                 "the cosine schedule needs a finite run, but --trainer.max_epochs -1 / max_steps -1 make it endless: "
-                "set --trainer.max_epochs N (or --trainer.max_steps N), or use --model.scheduler none")
-        total = max(1, int(steps))
+                "set --trainer.max_epochs N (or --model.cosine_epochs N), or use --model.scheduler none")
+        total = max(1, int(total))
         boundary = 0
-        if hp.mode == "memory_efficient" and self.trainer.max_epochs:
+        if hp.mode == "memory_efficient" and epochs:
             # the TAPS phase is a run of its own on the jointly trained base: its own cosine cycle
-            boundary = min(total, total * self.taps_start_epoch() // self.trainer.max_epochs)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_restart(step, boundary, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            boundary = min(total, self.taps_start_epoch() if per_epoch else total * self.taps_start_epoch() // epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch" if per_epoch else "step"}}
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

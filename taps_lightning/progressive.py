@@ -140,7 +140,7 @@ class ProgressiveAdapterModel(nn.Module):
         super().__init__()
         if not tasks:
             raise ValueError("progressive adapters need at least one task")
-        self.head_path, self.num_features = strip_classifier(backbone)
+        self.head_path, self.num_features = strip_classifier(backbone)[:2]
         self.backbone_name = backbone_name or type(backbone).__name__
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.gated_names, self.norm_names = inject_taps(backbone, wrap_layer=lambda m: LoRALayer(m, rank, alpha))

@@ -6,19 +6,21 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from .gate import gate_open
 from .model import TapsModel
 
 __all__ = ["sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple"]
 
 
-def sparsity_loss(model: TapsModel, task: str) -> Tensor:
+def sparsity_loss(model: TapsModel, task: str, divisor: float | None = None) -> Tensor:
     """``(1/L) * sum_i |s_i|`` over ``task``'s scores, ``L`` = number of gated layers.
 
     Multiply by ``lambda`` for the paper's penalty (Eq. 3). Differentiable in the scores.
+    ``divisor`` replaces ``L`` (the authors' script divides by 52 whatever the backbone).
     """
     model._check_task(task)
     scores = [layer.taps_score[task] for _, layer in model.taps_layers()]
-    return torch.stack(scores).abs().sum() / len(scores)
+    return torch.stack(scores).abs().sum() / (divisor or len(scores))
 
 
 def layer_scores(model: TapsModel, task: str) -> "OrderedDict[str, float]":
@@ -30,8 +32,12 @@ def layer_scores(model: TapsModel, task: str) -> "OrderedDict[str, float]":
 
 
 def gate_states(model: TapsModel, task: str) -> "OrderedDict[str, bool]":
-    """``{layer_name: is task-specific}`` in forward order."""
-    return OrderedDict((name, score >= model.threshold) for name, score in layer_scores(model, task).items())
+    """``{layer_name: is task-specific}`` in forward order, decided as the forward decides
+    (:func:`~taps_lightning.gate.gate_open`, one device sync for all layers)."""
+    model._check_task(task)
+    names, layers = zip(*model.taps_layers())
+    states = gate_open(torch.stack([layer.taps_score[task] for layer in layers]), model.threshold).tolist()
+    return OrderedDict(zip(names, states))
 
 
 def count_params(model: TapsModel, task: str) -> dict[str, float]:

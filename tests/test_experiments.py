@@ -42,8 +42,27 @@ def test_bench_memory_only_in_bf16(tmp_path):
 def test_reproduce_quick_writes_the_table(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPS_DATA_HOME", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
-    out = reproduce.main(["--quick", "--out", str(tmp_path / "results.md"),
-                          "--only", "Feature extractor", "TAPS memory-efficient, lambda=0.5"])
+    out = reproduce.main(["--quick", "--out", str(tmp_path / "results.md"), "--only", "TAPS memory-efficient, lambda=0.5"])
     text = out.read_text()
-    assert "| Feature extractor | 1.0" in text and "| TAPS memory-efficient, lambda=0.5 |" in text
+    assert "| TAPS memory-efficient, lambda=0.5 |" in text and " ± " not in text and "seed 0, one run per row" in text
     assert "| mnist | mnist_m | uci_digits | sketch |" in text and "Table 5 (DomainNet" in text
+    out = reproduce.main(["--quick", "--seeds", "0", "1", "--out", str(tmp_path / "seeds.md"), "--only", "Feature extractor"])
+    text = out.read_text()
+    assert "--seeds 0 1" in text and "seeds 0, 1: every figure is the mean over seeds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Feature extractor | 1.0"))
+    assert row.count(" ± ") == 4  # params, mean accuracy, % task params, active layers
+
+
+def test_reproduce_table_reports_mean_and_spread_over_seeds():
+    def run(accs, multiple, active):
+        rows = [{"task": t, "accuracy": a, "task_params_pct": 10.0, "active_layers": active, "gated_layers": 52}
+                for t, a in zip(("x", "y"), accs)]
+        return rows + [{"task": "total", "accuracy": sum(accs) / 2, "params_multiple": multiple}]
+
+    text = reproduce.format_results([("TAPS", [run((90.0, 96.0), 2.5, 30), run((94.0, 98.0), 2.7, 34)])],
+                                    "cmd", 60.0, seeds=[0, 1])
+    row = next(line for line in text.splitlines() if line.startswith("| TAPS"))
+    # seed means 93 and 96: mean 94.5, sample std 3 / sqrt(2) = 2.12; per-task means 92 and 97
+    assert row == "| TAPS | 2.60x ± 0.14 | 92.00 | 97.00 | 94.50 ± 2.12 | 10.0 ± 0.0 | 32.0 ± 2.8 / 52 |"
+    single = reproduce.format_results([("TAPS", [run((90.0, 96.0), 2.5, 30)])], "cmd", 60.0)
+    assert "| TAPS | 2.50x | 90.00 | 96.00 | 93.00 | 10.0 | 30.0 / 52 |" in single and "seed 0, one run per row" in single

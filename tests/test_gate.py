@@ -151,3 +151,54 @@ def test_gated_weight_function_both_paths(known, on):
     torch.testing.assert_close(delta.grad, upstream if on else torch.zeros_like(upstream))
     torch.testing.assert_close(score.grad, (upstream * delta).sum())
     assert delta.grad.data_ptr() != base.grad.data_ptr()  # never one tensor for two parameters
+
+
+@pytest.mark.parametrize("tau", [0.7, 0.01])
+def test_score_equal_to_fp32_tau_is_active_everywhere(tau, tmp_path):
+    """fp32(0.7) and fp32(0.01) lie below the decimals: a score equal to fp32(tau) must count as
+    active in the forward, gate_states, count_params, save/load and merge alike."""
+    import timm
+
+    at_tau = torch.tensor(tau, dtype=torch.float32)
+    assert at_tau.item() < tau  # the case that separates an fp32 from a float64 comparison
+    below = torch.nextafter(at_tau, torch.tensor(-1.0))
+    on, off = {"conv1", "layer2.0.conv2", "layer4.1.conv1"}, {"layer1.0.conv1", "layer3.0.downsample.0"}
+
+    def make():
+        torch.manual_seed(0)
+        return tl.TapsModel(timm.create_model("resnet18", num_classes=0), {"t": 3}, threshold=tau)
+
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet18", num_classes=0).eval()  # reference: w_base + delta by hand
+    model = make().eval()
+    with torch.no_grad():
+        for name, layer in model.taps_layers():
+            layer.taps_delta["t"].normal_(0, 0.05)
+            layer.taps_score["t"].copy_(at_tau if name in on else below if name in off else torch.tensor(-1.0))
+            if name in on:
+                plain.get_submodule(name).weight.add_(layer.taps_delta["t"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain(x)
+        torch.testing.assert_close(model.forward_features(x), expected)  # inference path (cached weights)
+    torch.testing.assert_close(model.forward_features(x).detach(), expected)  # gated path with gradients
+
+    assert {n for n, active in tl.gate_states(model, "t").items() if active} == on
+    counts = tl.count_params(model, "t")
+    assert counts["active_layers"] == 3
+    assert counts["delta_params"] == sum(plain.get_submodule(n).weight.numel() for n in on)
+
+    path = tl.save_task(model, "t", tmp_path / "t.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        assert {k[len("delta."):] for k in f.keys() if k.startswith("delta.")} == on
+    fresh = make().eval()
+    fresh.remove_task("t")
+    tl.load_task(fresh, path)
+    fresh.set_task("t")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.forward_features(x), expected)
+        merged = tl.merge(model, "t").eval()
+        merged.fc = torch.nn.Identity()
+        torch.testing.assert_close(merged(x), expected)

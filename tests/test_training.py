@@ -221,3 +221,101 @@ def test_cosine_schedule_restarts_for_the_taps_phase():
     assert cosine_restart(20, 40, 100) == pytest.approx(0.5)  # middle of the joint phase
     assert cosine_restart(40, 40, 100) == 1.0  # the TAPS phase starts at the full rate
     assert cosine_restart(70, 40, 100) == pytest.approx(0.5)
+
+
+def test_authors_recipe_preset_step_equals_their_loop(tmp_path):
+    """configs/authors_recipe.yaml through Lightning (accumulate_grad_batches, averaged gradients,
+    its lr) against the authors' train_sequential.py loop written out: 8 batches' summed gradients,
+    ``lam * sum|s| / 52 + CE``, plain-momentum SGD at their lr, one step per 8 batches."""
+    import copy
+
+    import torch.nn.functional as F
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "authors_recipe.yaml").read_text())
+    model_cfg, accumulate = cfg["model"], cfg["trainer"]["accumulate_grad_batches"]
+    assert accumulate == 8 and model_cfg["nesterov"] is False
+    assert model_cfg["weight_decay"] == 0 and model_cfg["score_lr"] is None
+    their_lr, lam = 0.01, model_cfg["lam"]  # their options.py default --lr
+
+    keys = ("lam", "threshold", "score_init", "penalty_divisor", "lr", "momentum", "nesterov", "weight_decay",
+            "score_lr", "scheduler", "cosine_epochs")
+    data = TinyTasks.make(tasks=("a",), classes=(4,), n=64, batch_size=4)
+    L.seed_everything(0)
+    module = TapsModule(backbone="test_resnet", tasks=data.num_classes, mode="incremental",
+                        **{k: model_cfg[k] for k in keys}, sparsity_warmup_epochs=0)  # penalty on from the start
+    theirs = copy.deepcopy(module.model)
+    initial = {n: p.detach().clone() for n, p in theirs.named_parameters()}
+    batches = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batches.append([t.clone() for t in batch["a"]])
+
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2 * accumulate, limit_val_batches=0,
+                       accumulate_grad_batches=accumulate, callbacks=[Record()])
+    trainer.fit(module, data)
+    assert trainer.global_step == 2 and len(batches) == 16  # two optimizer steps: momentum is exercised
+
+    theirs.train().set_task("a")
+    params = [p for p in theirs.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, their_lr, momentum=model_cfg["momentum"], weight_decay=0.0)
+    for i, (x, y) in enumerate(batches):
+        scores = [layer.taps_score["a"] for _, layer in theirs.taps_layers()]
+        loss = lam * sum(abs(s) for s in scores) / 52 + F.cross_entropy(theirs(x), y)
+        loss.backward()
+        if (i + 1) % 8 == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+    ours = dict(module.model.named_parameters())
+    for name, p in theirs.named_parameters():
+        torch.testing.assert_close(ours[name], p, rtol=1e-5, atol=1e-7, msg=name)
+    moved = {n.split(".")[-2] if "taps_" in n else n.split(".")[0] for n, p in theirs.named_parameters()
+             if not torch.equal(p, initial[n])}
+    assert {"taps_delta", "taps_score", "heads"} <= moved  # the steps changed every kind of parameter
+
+
+def test_per_epoch_cosine_is_their_cosine_annealing(tmp_path):
+    """``scheduler cosine`` + ``cosine_epochs`` = torch's CosineAnnealingLR(T_max) stepped once per
+    epoch, run one epoch past T_max as the authors do (that epoch at lr 0)."""
+    data = TinyTasks.make(tasks=("a",), classes=(4,), n=8, batch_size=4)
+    module = TapsModule(tasks=data.num_classes, **TINY, scheduler="cosine", cosine_epochs=3)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _trainer(tmp_path, max_epochs=4, limit_val_batches=0, callbacks=[Spy()]).fit(module, data)
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], TINY["lr"])
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=3)
+    expected = []
+    for _ in range(4):
+        expected.append(reference.param_groups[0]["lr"])
+        reference.step()
+        annealing.step()
+    assert seen == pytest.approx(expected, abs=1e-12) and seen[-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="cosine_epochs >= 1 .got 0."):
+        TapsModule(tasks=data.num_classes, **TINY, cosine_epochs=0)
+    with pytest.raises(ValueError, match="penalty_divisor must be > 0 .got -52"):
+        TapsModule(tasks=data.num_classes, **TINY, penalty_divisor=-52)
+
+
+def test_fit_normalises_inputs_as_the_backbone_expects(tmp_path, monkeypatch):
+    """The DataModule gets the timm model's own mean/std (0.5 for test_vit, ImageNet's for resnet18)."""
+    import timm
+
+    from datamodules import MultiTaskDataModule
+    from experiments.fit import TapsCLI
+
+    monkeypatch.chdir(tmp_path)
+    means = []
+    for backbone in ("test_vit", "resnet18"):
+        cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False,
+                      args=["--model.backbone", backbone, "--model.weights", "null"])
+        cfg = timm.create_model(backbone).pretrained_cfg
+        white = cli.datamodule._transform(train=False)(torch.full((3, 8, 8), 255, dtype=torch.uint8))
+        expected = [(1 - m) / s for m, s in zip(cfg["mean"], cfg["std"])]
+        torch.testing.assert_close(white[:, 0, 0], torch.tensor(expected))
+        means.append(tuple(cfg["mean"]))
+    assert means == [(0.5, 0.5, 0.5), (0.485, 0.456, 0.406)]
