@@ -240,8 +240,7 @@ def _compile_net() -> tl.TapsModel:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8))
-    net.num_features = 8
-    model = tl.TapsModel(net, {"a": 3})
+    model = tl.TapsModel(net, {"a": 3}, num_features=8)  # a feature extractor: nothing to strip
     randomize_tasks(model)
     return model.train()
 
