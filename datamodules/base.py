@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from .transforms import taps_transforms
+
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
 
 SPLITS = ("train", "val", "test")
@@ -80,6 +82,17 @@ class MultiTaskDataModule(L.LightningDataModule):
     @abstractmethod
     def build_dataset(self, task: str, split: str) -> Dataset:
         """The dataset of one task and split (``train``, ``val`` or ``test``)."""
+
+    def class_names(self, task: str) -> list[str] | None:
+        """Name of each label of ``task`` (index = label), or ``None`` when the data has no names.
+        ``TaskExport`` stores them in the task file, so predictions can be named without the data."""
+        return None
+
+    def eval_transform(self, task: str) -> Callable:
+        """What validation and test apply to a decoded RGB image (PIL) of ``task``; used by
+        ``experiments.predict`` on new images. Default: the paper's test transform
+        (Resize + CenterCrop 224, ImageNet mean/std)."""
+        return taps_transforms(train=False)
 
     # -- shared ---------------------------------------------------------------------------
     @property
