@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import os
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -89,17 +90,29 @@ def _fabric(trainer_cfg) -> Fabric:
 
 
 @torch.inference_mode()
-def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, fabric: Fabric, top_k: int,
+def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, device: torch.device, top_k: int,
                  desc: str, progress: bool = True) -> tuple[Tensor, Tensor]:
     """``(probabilities [N, k], class indices [N, k])`` of the ``top_k`` classes of every image."""
     probs, labels = [], []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        with fabric.autocast():
-            logits = net(images.to(fabric.device))
-        top = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        top = net(images.to(device)).float().softmax(-1)
+        top = top.topk(min(top_k, top.shape[-1]), dim=-1)
         probs.append(top.values.cpu())
         labels.append(top.indices.cpu())
     return torch.cat(probs), torch.cat(labels)
+
+
+def csv_rows(images: Sequence[Path], results: dict[str, tuple[Tensor, Tensor, list[str] | None]],
+             top_k: int) -> list[list[str]]:
+    """One row per image and task: path, task, then label and probability of each of the top ``top_k``."""
+    rows = []
+    for i, path in enumerate(images):
+        for task, (probs, labels, names) in results.items():
+            row = [str(path), task]
+            for label, prob in zip(labels[i].tolist(), probs[i].tolist()):
+                row += [names[label] if names else str(label), f"{prob:.6g}"]
+            rows.append(row + [""] * (2 + 2 * top_k - len(row)))  # a task with fewer classes than top_k
+    return rows
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -117,34 +130,28 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 def main(args: list[str] | None = None) -> Path:
     cli = PredictCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                      seed_everything_default=0, save_config_callback=None)
-    cfg, module, data = cli.config, cli.model, cli.datamodule
+    cfg, model, data = cli.config, cli.model.model, cli.datamodule
     fabric = _fabric(cfg.trainer)
-    gated = cfg.gated or not isinstance(module.model, TapsModel)
+    gated = cfg.gated or not isinstance(model, TapsModel)
     if not cfg.gated and gated:
-        rank_zero_info(f"TAPS | mode {module.hparams.mode}: no merge() for this model, predicting with it as trained")
-    module.to(fabric.device)
-    columns = [f"{name}_{i}" for i in range(1, cfg.top_k + 1) for name in ("label", "probability")]
-    results: dict[str, tuple[Tensor, Tensor, list[str] | None]] = {}
+        rank_zero_info(f"TAPS | mode {cli.model.hparams.mode}: no merge() for this model, predicting with it as trained")
+    if gated:
+        gated_model = fabric.setup_module(model)  # on the device, inputs and forward in --trainer.precision
+    results = {}
     for task in cli.tasks:
         names = cli.trained.class_names(task, data)
         if names is None:
             rank_zero_info(f"TAPS | {task}: no class names in {cli.trained.origin(task)} or --data; labels are class indices")
-        net = (lambda x, task=task: module.model(x, task)) if gated else merge(module.model, task).eval()
+        net = partial(gated_model, task=task) if gated else fabric.setup_module(merge(model, task).eval())
         loader = DataLoader(ImageFiles(cli.images, data.eval_transform(task)), batch_size=data.eval_batch_size,
                             num_workers=data.num_workers, pin_memory=fabric.device.type == "cuda")
-        probs, labels = predict_task(net, loader, fabric, cfg.top_k, desc=task,
+        probs, labels = predict_task(net, loader, fabric.device, cfg.top_k, desc=task,
                                      progress=cfg.trainer.enable_progress_bar is not False)
         results[task] = probs, labels, names
-        del net
-    rows = []
-    for i, path in enumerate(cli.images):
-        for task, (probs, labels, names) in results.items():
-            row = [str(path), task]
-            for label, prob in zip(labels[i].tolist(), probs[i].tolist()):
-                row += [names[label] if names else str(label), f"{prob:.6g}"]
-            rows.append(row)
+        del net  # one merged copy at a time
     output = Path(cfg.output)
-    write_csv(output, ["path", "task", *columns], rows)
+    header = ["path", "task", *[f"{n}_{i}" for i in range(1, cfg.top_k + 1) for n in ("label", "probability")]]
+    write_csv(output, header, csv_rows(cli.images, results, cfg.top_k))
     rank_zero_info(f"TAPS | {len(cli.images)} images x {len(results)} tasks -> {output} "
                    f"({'gated model' if gated else 'merged models'}, top {cfg.top_k})")
     return output
