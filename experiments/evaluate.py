@@ -41,12 +41,15 @@ class EvaluateCLI(TrainedCLI):
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
+        # the data's tasks are the trained ones (in --data.tasks' order when it lists them, e.g. a run's config)
         data_args, tasks = self.config.data.init_args, list(self.trained.num_classes)
         if data_args.tasks is None:
             data_args.tasks = tasks
-        elif set(data_args.tasks) != set(tasks):
-            raise SystemExit(f"--data.tasks {list(data_args.tasks)} differs from the tasks of {self.trained.origin()}: "
-                             f"{tasks}; drop --data.tasks (to evaluate some tasks, pass only their files to --tasks_from)")
+        elif missing := [t for t in tasks if t not in data_args.tasks]:
+            raise SystemExit(f"--data.tasks {list(data_args.tasks)} lacks {missing} of {self.trained.origin()}; "
+                             "drop --data.tasks or add them (to evaluate some tasks, pass only their files to --tasks_from)")
+        else:
+            data_args.tasks = [t for t in data_args.tasks if t in tasks]
 
     def after_instantiate_classes(self) -> None:
         self.trained.check_data(self.datamodule.num_classes)

@@ -99,6 +99,10 @@ def test_evaluate_mixes_task_files_of_two_runs(in_root):
     accs, _ = _evaluate(TINY + ["--tasks_from", str(a.adapters / "*.safetensors"),
                                 "--trainer.logger.init_args.name", "glob"])
     assert accs == a.test_acc
+    # one task of a run, with that run's config (which lists both of its tasks)
+    accs, _ = _evaluate(["--config", str(a.config), "--tasks_from", str(a.adapters / "sketch.safetensors"),
+                         "--trainer.logger.init_args.name", "one"])
+    assert accs == {"sketch": a.test_acc["sketch"]}
 
 
 @pytest.mark.slow
@@ -109,7 +113,7 @@ def test_evaluate_refuses_task_files_of_another_base(in_root):
         evaluate.main(TINY + ["--tasks_from", task_file, "--seed_everything", "1"])  # another random base
     with pytest.raises(tl.TaskFileError, match="mnist.safetensors: made for backbone 'test_resnet'"):
         evaluate.main(TINY + ["--tasks_from", task_file, "--model.backbone", "test_efficientnet"])
-    with pytest.raises(SystemExit, match=r"--data.tasks \['sketch'\] differs .*\['mnist'\]"):
+    with pytest.raises(SystemExit, match=r"--data.tasks \['sketch'\] lacks \['mnist'\] of .*mnist.safetensors"):
         evaluate.main(TINY + ["--tasks_from", task_file, "--data.tasks", "[sketch]"])
 
 
