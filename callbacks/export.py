@@ -20,7 +20,8 @@ def adapter_dir(trainer: L.Trainer) -> Path:
 
 class TaskExport(L.Callback):
     """After fit (final weights) and again after test (the tested, usually best, weights),
-    save every task as ``adapters/<task>.safetensors``. Rank zero writes; others wait."""
+    save every task as ``adapters/<task>.safetensors``, with the DataModule's class names when
+    it knows them. Rank zero writes; others wait."""
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
@@ -31,8 +32,10 @@ class TaskExport(L.Callback):
             return
         folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
         if trainer.is_global_zero:
+            names = getattr(trainer.datamodule, "class_names", None)  # stored so predictions can be named
             for task in model.tasks:
-                self.paths[task] = save_task(model, task, folder / f"{task}.safetensors")
+                self.paths[task] = save_task(model, task, folder / f"{task}.safetensors",
+                                             class_names=names(task) if names else None)
             rank_zero_info(f"TAPS | adapters ({when}) written to {folder}")
         trainer.strategy.barrier("taps_export")
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from taps_lightning import ProgressiveAdapterModel, TapsModel, save_task
@@ -86,8 +87,8 @@ def grouping_markdown(pl_module) -> str:
 
 
 class ResultsReport(L.Callback):
-    """At the end of test (or of fit, from validation metrics, when no test runs) write
-    ``report.md`` and ``report.csv`` to the log directory and print the table."""
+    """At the end of test or of ``trainer.validate`` (or of fit, from validation metrics, when
+    no test runs) write ``report.md`` and ``report.csv`` to the log directory and print the table."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -114,6 +115,10 @@ class ResultsReport(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "val")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # a trainer.validate run (experiments.evaluate), not fit's epochs
+            self._write(trainer, pl_module, "val")
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module, "test")

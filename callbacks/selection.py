@@ -8,7 +8,7 @@ import numpy as np
 
 from taps_lightning import TapsModel, gate_states, layer_scores
 
-__all__ = ["selection_matrix", "draw_heatmap", "LayerSelectionLogger"]
+__all__ = ["selection_matrix", "draw_heatmap", "selection_images", "log_images", "save_images", "LayerSelectionLogger"]
 
 
 def selection_matrix(model: TapsModel) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
@@ -53,6 +53,36 @@ def draw_heatmap(values: np.ndarray, tasks: list[str], layers: list[str], title:
     return image
 
 
+def selection_images(model: TapsModel, when: str = "") -> dict[str, np.ndarray]:
+    """``taps/layer_selection`` (active=1 / inactive=0) and ``taps/scores`` (raw scores, the
+    threshold marked) as RGB arrays; ``when`` ends the titles (e.g. ``", epoch 3"``)."""
+    tasks, layers, mask, scores = selection_matrix(model)
+    return {
+        "taps/layer_selection": draw_heatmap(mask, tasks, layers, f"task-specific layers{when}"),
+        "taps/scores": draw_heatmap(scores, tasks, layers, f"layer scores{when}", threshold=model.threshold),
+    }
+
+
+def log_images(trainer: L.Trainer, images: dict[str, np.ndarray], step: int) -> None:
+    """Add ``images`` to every logger that takes images (TensorBoard)."""
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            for tag, image in images.items():
+                experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+
+
+def save_images(images: dict[str, np.ndarray], folder: Path) -> list[Path]:
+    """Write each image as ``<folder>/<last part of its tag>.png`` (``layer_selection.png``, ``scores.png``)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{tag.rsplit('/', 1)[-1]}.png" for tag in images]
+    for path, image in zip(paths, images.values()):
+        Image.fromarray(image).save(path)
+    return paths
+
+
 class LayerSelectionLogger(L.Callback):
     """After every validation epoch, log ``taps/layer_selection`` (active=1 / inactive=0) and
     ``taps/scores`` (raw scores, the threshold marked) as images to TensorBoard, so the
@@ -67,17 +97,7 @@ class LayerSelectionLogger(L.Callback):
         model = self._model(pl_module)
         if model is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        tasks, layers, mask, scores = selection_matrix(model)
-        images = {
-            "taps/layer_selection": draw_heatmap(mask, tasks, layers, f"task-specific layers, epoch {trainer.current_epoch}"),
-            "taps/scores": draw_heatmap(scores, tasks, layers, f"layer scores, epoch {trainer.current_epoch}",
-                                        threshold=model.threshold),
-        }
-        for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                for tag, image in images.items():
-                    experiment.add_image(tag, image, global_step=trainer.current_epoch, dataformats="HWC")
+        log_images(trainer, selection_images(model, f", epoch {trainer.current_epoch}"), step=trainer.current_epoch)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         model = self._model(pl_module)
@@ -85,9 +105,4 @@ class LayerSelectionLogger(L.Callback):
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else None
         if model is None or folder is None or not trainer.is_global_zero:
             return
-        from PIL import Image
-
-        tasks, layers, mask, scores = selection_matrix(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(draw_heatmap(mask, tasks, layers, "task-specific layers")).save(folder / "layer_selection.png")
-        Image.fromarray(draw_heatmap(scores, tasks, layers, "layer scores", model.threshold)).save(folder / "scores.png")
+        save_images(selection_images(model), folder)

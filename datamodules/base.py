@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from .images import DataLayoutError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, taps_transforms
 
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
 
@@ -90,6 +90,17 @@ class MultiTaskDataModule(L.LightningDataModule):
     @abstractmethod
     def build_dataset(self, task: str, split: str) -> Dataset:
         """The dataset of one task and split (``train``, ``val`` or ``test``)."""
+
+    def class_names(self, task: str) -> list[str] | None:
+        """Name of each label of ``task`` (index = label), or ``None`` when the data has no names.
+        ``TaskExport`` stores them in the task file, so predictions can be named without the data."""
+        return None
+
+    def eval_transform(self, task: str) -> Callable:
+        """What validation and test apply to a decoded RGB image (PIL) of ``task``; used by
+        ``experiments.predict`` on new images. Default: the paper's test transform
+        (Resize + CenterCrop 224, the backbone's mean/std)."""
+        return taps_transforms(train=False, mean=self.mean, std=self.std)
 
     # -- shared ---------------------------------------------------------------------------
     @property

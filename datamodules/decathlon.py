@@ -129,6 +129,9 @@ class VisualDecathlon(MultiTaskDataModule):
             ops = [v2.Resize(72, antialias=True), v2.CenterCrop(64)]
         return v2.Compose(ops + to_normalized_tensor(mean, std))
 
+    def eval_transform(self, task: str):
+        return self.transform(task, train=False)
+
     def build_dataset(self, task: str, split: str) -> Dataset:
         labelled = split != "test" or self.annotation_file(task, "test").name == f"{task}_test.json"
         samples, ids, cats = read_annotations(self.annotation_file(task, split), self.root, need_labels=labelled)

@@ -75,7 +75,10 @@ class DomainNet(MultiTaskDataModule):
         split = "test" if split == "val" else split
         return read_split_file(self.root / f"{task}_{split}.txt", self.root, self.check_files)
 
+    def eval_transform(self, task: str):
+        return taps_transforms(False, self.image_size, mean=self.mean, std=self.std)
+
     def build_dataset(self, task: str, split: str) -> Dataset:
-        transform = taps_transforms(split == "train", self.image_size, mean=self.mean, std=self.std)
-        return ImageListDataset(self.samples(task, split), transform,
-                                self.skip_corrupt)
+        transform = taps_transforms(True, self.image_size, mean=self.mean, std=self.std) if split == "train" \
+            else self.eval_transform(task)
+        return ImageListDataset(self.samples(task, split), transform, self.skip_corrupt)

@@ -145,12 +145,22 @@ class EmbeddedDigits(MultiTaskDataModule):
     def prepare_data(self) -> None:
         load_embedded_digits(self.root, self.image_size, self.seed)
 
+    def class_names(self, task: str) -> list[str] | None:
+        return [str(digit) for digit in range(10)] if task in DOMAINS else None
+
     def _transform(self, train: bool):
         ops = [v2.ToDtype(torch.float32, scale=True), v2.Resize(self.resize_to, antialias=True)]
         if train and self.augment:
             ops.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
+        elif not train:
+            ops.append(v2.CenterCrop(self.resize_to))  # a no-op on the square stored images
         ops.append(v2.Normalize(self.mean, self.std))
         return v2.Compose(ops)
+
+    def eval_transform(self, task: str):
+        """The test transform of the stored images, for an image file: to a uint8 tensor first
+        (a non-square image is resized on its shorter side and centre-cropped)."""
+        return v2.Compose([v2.ToImage(), self._transform(train=False)])
 
     def build_dataset(self, task: str, split: str) -> TensorImageDataset:
         if self._data is None:

@@ -143,6 +143,9 @@ class ImageFolderTasks(MultiTaskDataModule):
             self._classes[task] = names
         return self._classes[task]
 
+    def class_names(self, task: str) -> list[str]:
+        return self.classes(task)
+
     @property
     def available_tasks(self) -> dict[str, int]:
         return {t: self.expected_classes.get(t) or len(self.classes(t)) for t in self._task_names()}
@@ -167,8 +170,13 @@ class ImageFolderTasks(MultiTaskDataModule):
         samples = scan_class_folders(self.split_dir(task, split), self.classes(task))
         if not samples:
             raise DataLayoutError(f"{self.split_dir(task, split)}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-        transform = taps_transforms(split == "train", self.image_size, task in self.cropped_tasks, self.mean, self.std)
+        cropped = task in self.cropped_tasks
+        transform = (taps_transforms(True, self.image_size, cropped, self.mean, self.std) if split == "train"
+                     else self.eval_transform(task))
         return ImageListDataset(samples, transform, self.skip_corrupt)
+
+    def eval_transform(self, task: str):
+        return taps_transforms(False, self.image_size, task in self.cropped_tasks, self.mean, self.std)
 
 
 #: Folder name -> classes of the Piggyback/TAPS ImageNet-to-Sketch release.

@@ -3,7 +3,7 @@
 The core is plain PyTorch: use it in any training loop. ``taps_lightning.module`` holds
 the LightningModule and is imported only on demand.
 """
-from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task
+from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task, task_metadata
 from .factory import create_backbone, create_taps_model, load_weights
 from .gate import gate_open, gated_weight, hard_gate
 from .inject import inject_taps, strip_classifier
@@ -20,5 +20,5 @@ __all__ = [
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gate_open", "gated_weight", "hard_gate",
     "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",
-    "save_task", "load_task", "merge", "layout_signature", "base_fingerprint", "TaskFileError",
+    "save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError",
 ]

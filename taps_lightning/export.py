@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -25,7 +26,7 @@ from .progressive import ProgressiveAdapterModel
 
 from .stats import gate_states
 
-__all__ = ["save_task", "load_task", "merge", "layout_signature", "base_fingerprint", "TaskFileError"]
+__all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
 
 FORMAT = "taps-task/1"
 
@@ -61,7 +62,18 @@ def _norm_and_head_tensors(model, task: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path) -> Path:
+def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -> dict[str, str]:
+    """``{"class_names": JSON list}``, checked against the task's head (empty when not given)."""
+    if class_names is None:
+        return {}
+    names, num_classes = [str(n) for n in class_names], model.heads[task].out_features
+    if len(names) != num_classes:
+        raise ValueError(f"task {task!r}: {len(names)} class names for {num_classes} classes")
+    return {"class_names": json.dumps(names)}
+
+
+def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path,
+                           class_names: Sequence[str] | None = None) -> Path:
     tensors, layers = _norm_and_head_tensors(model, task), dict(model.lora_layers())
     for name, key in model.path_adapters(task):
         tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
@@ -71,6 +83,7 @@ def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path
         "num_classes": str(model.heads[task].out_features), "schedule": json.dumps(model.schedule),
         "groups": json.dumps({str(s): g for s, g in model.groups.items()}),
         "path": json.dumps(model.path_adapters(task)), "base_fingerprint": base_fingerprint(model),
+        **_class_names_metadata(model, task, class_names),
     }
     _write(tensors, path, metadata, task)
     return path
@@ -89,16 +102,18 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
         tmp.unlink(missing_ok=True)
 
 
-def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
+def save_task(model: TapsModel, task: str, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
     """Write ``task``'s active deltas, scores, norms and head to ``path`` (.safetensors).
 
     For a :class:`ProgressiveAdapterModel`, the file holds the task's path through the shared
     and task-specific adapters (format ``progressive-task/1``), its norms and head.
+    ``class_names`` (one per output of the head, optional) go into the metadata, so that
+    predictions can be named without the dataset (:func:`task_metadata` reads them back).
     """
     if isinstance(model, ProgressiveAdapterModel):
         if task not in model.heads:
             raise KeyError(f"unknown task {task!r}; this model has tasks {model.tasks}")
-        return _save_progressive_task(model, task, Path(path))
+        return _save_progressive_task(model, task, Path(path), class_names)
     model._check_task(task)
     gates = gate_states(model, task)
     tensors = _norm_and_head_tensors(model, task)
@@ -117,6 +132,7 @@ def save_task(model: TapsModel, task: str, path: str | os.PathLike) -> Path:
         "layout_signature": layout_signature(model),
         "base_fingerprint": base_fingerprint(model),
         "layer_order": json.dumps(model.layer_order()),
+        **_class_names_metadata(model, task, class_names),
     }
     path = Path(path)
     _write(tensors, path, metadata, task)
@@ -298,3 +314,20 @@ def merge(model: TapsModel, task: str) -> nn.Module:
     return merged.train(model.training)
 
 
+
+
+def task_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a task file (``task``, ``backbone``, ``num_classes``, ...) without reading
+    its tensors; ``class_names`` is decoded to a list, or ``None`` when the file has none."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file; save one with taps_lightning.save_task(model, task, path)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata: dict[str, Any] = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
+    metadata["class_names"] = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    return metadata

@@ -79,3 +79,20 @@ def test_callbacks_reach_tensorboard_and_report(tmp_path):
     assert rows["b"]["task_params"] == module.task_cost("b")["task_params"]
     text = (tmp_path / "run" / "version_0" / "report.md").read_text()
     assert "| svhn |" in text and "Total parameters for all tasks" in text
+
+
+def test_report_is_written_after_validate_and_once_per_fit(tmp_path):
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    report = ResultsReport()
+    stages = []
+    write = report._write
+    report._write = lambda trainer, pl_module, stage: (stages.append(stage), write(trainer, pl_module, stage))
+    kw = dict(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report], enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    L.Trainer(max_epochs=2, **kw).fit(module, data)
+    assert stages == ["val"]  # at the end of fit, not after each validation epoch
+    metrics = L.Trainer(**kw).validate(module, data, verbose=False)[0]
+    assert stages == ["val", "val"]
+    assert "(val set)" in (tmp_path / "report.md").read_text()
+    assert report.rows[0]["accuracy"] == pytest.approx(100 * metrics["val/a/acc"])

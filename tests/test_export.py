@@ -102,3 +102,21 @@ def test_api_on_architectures(arch, size, tmp_path):
     if arch.startswith("vit"):
         kinds = {n.rsplit(".", 1)[-1] for n in model.gated_names}
         assert {"qkv", "proj", "fc1", "fc2"} <= kinds
+
+
+def test_class_names_are_stored_and_read_back(tmp_path):
+    model = tiny_resnet({"a": 3, "b": 5})
+    path = tl.save_task(model, "a", tmp_path / "a.safetensors", class_names=["cat", "dog", "emu"])
+    meta = tl.task_metadata(path)
+    assert meta["class_names"] == ["cat", "dog", "emu"] and meta["task"] == "a" and meta["num_classes"] == "3"
+    assert tl.task_metadata(tl.save_task(model, "b", tmp_path / "b.safetensors"))["class_names"] is None
+    with pytest.raises(ValueError, match="task 'b': 2 class names for 5 classes"):
+        tl.save_task(model, "b", tmp_path / "c.safetensors", class_names=["x", "y"])
+    assert not (tmp_path / "c.safetensors").exists()
+    fresh = tiny_resnet({"z": 2})
+    assert tl.load_task(fresh, path) == "a" and fresh.num_classes["a"] == 3
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        tl.task_metadata(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(tl.TaskFileError, match="junk.safetensors.*not a readable"):
+        tl.task_metadata(tmp_path / "junk.safetensors")

@@ -1,0 +1,80 @@
+"""``python -m experiments.evaluate``: validate or test trained tasks without training.
+
+The tasks come from a checkpoint of ``experiments.fit`` (``--ckpt_path``; the model is rebuilt
+from its hyper-parameters and loaded with ``weights_only=True``) or from task files loaded
+onto the base that ``--model.backbone/--model.weights`` build (``--tasks_from``; files from
+different runs mix, as long as they were trained on that base). The data is ``--data.*`` as in
+fit, restricted to those tasks. It prints fit's results table, writes ``report.md``/``report.csv``
+and the layer-selection heatmap to its own run folder (``logs/evaluate/version_N``) and runs
+under DDP like fit (``--trainer.devices N --trainer.strategy ddp``).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks import LayerSelectionLogger, TaskExport, TaskParamLogger, TaskSimilarityLogger
+from callbacks.selection import log_images, save_images, selection_images
+from datamodules import MultiTaskDataModule
+from taps_lightning import TapsModel
+from taps_lightning.module import TapsModule
+
+from .trained import TrainedCLI
+
+#: fit's callbacks that act on training (checkpoints, exports, per-epoch logs): left out here.
+FIT_ONLY_CALLBACKS = (ModelCheckpoint, TaskExport, LayerSelectionLogger, TaskParamLogger, TaskSimilarityLogger)
+
+
+class EvaluateCLI(TrainedCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--split", type=Literal["val", "test"], default="test", help="the split to evaluate on")
+        parser.set_defaults({"trainer.logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "logs", "name": "evaluate"},
+        }})
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        # the data's tasks are the trained ones (in --data.tasks' order when it lists them, e.g. a run's config)
+        data_args, tasks = self.config.data.init_args, list(self.trained.num_classes)
+        if data_args.tasks is None:
+            data_args.tasks = tasks
+        elif missing := [t for t in tasks if t not in data_args.tasks]:
+            raise SystemExit(f"--data.tasks {list(data_args.tasks)} lacks {missing} of {self.trained.origin()}; "
+                             "drop --data.tasks or add them (to evaluate some tasks, pass only their files to --tasks_from)")
+        else:
+            data_args.tasks = [t for t in data_args.tasks if t in tasks]
+
+    def after_instantiate_classes(self) -> None:
+        self.trained.check_data(self.datamodule.num_classes)
+        self.trained.load_into(self.model)
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, FIT_ONLY_CALLBACKS)]
+        # Lightning asks for the checkpoint's ModelCheckpoint to restore its state: irrelevant without training
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
+
+
+def main(args: list[str] | None = None) -> EvaluateCLI:
+    cli = EvaluateCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+                      seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    trainer, model, data, split = cli.trainer, cli.model, cli.datamodule, cli.config.split
+    run = trainer.validate if split == "val" else trainer.test
+    run(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True, verbose=False)
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+    if trainer.is_global_zero and isinstance(model.model, TapsModel):
+        images = selection_images(model.model, f" ({split} set, evaluated)")
+        log_images(trainer, images, step=0)
+        save_images(images, log_dir)
+        rank_zero_info(f"TAPS | layer selection: {log_dir / 'layer_selection.png'} (TensorBoard: taps/layer_selection)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # as in fit: gloo threads alive at exit can abort the run
+    return cli
+
+
+if __name__ == "__main__":
+    main()
