@@ -61,7 +61,16 @@ class EvaluateCLI(TrainedCLI):
 
 def main(args: list[str] | None = None) -> EvaluateCLI:
     cli = EvaluateCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
-                      seed_everything_default=0, save_config_kwargs={"overwrite": True})
+                      seed_everything_default=0)
+    try:
+        _evaluate(cli)
+    finally:
+        if cli.run_lock is not None:
+            cli.run_lock.release()
+    return cli
+
+
+def _evaluate(cli: EvaluateCLI) -> None:
     trainer, model, data, split = cli.trainer, cli.model, cli.datamodule, cli.config.split
     run = trainer.validate if split == "val" else trainer.test
     run(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True, verbose=False)
@@ -73,7 +82,6 @@ def main(args: list[str] | None = None) -> EvaluateCLI:
         rank_zero_info(f"TAPS | layer selection: {log_dir / 'layer_selection.png'} (TensorBoard: taps/layer_selection)")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # as in fit: gloo threads alive at exit can abort the run
-    return cli
 
 
 if __name__ == "__main__":

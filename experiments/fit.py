@@ -50,6 +50,8 @@ def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
 
 
 class TapsCLI(LightningCLI):
+    #: Whether this command writes a run folder (claimed, locked and checked for writing).
+    writes_run_folder = True
     run_lock: RunLock | None = None
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -92,7 +94,8 @@ class TapsCLI(LightningCLI):
             # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"
             print(f"TAPS | mode {cfg.model.mode}: using strategy ddp_find_unused_parameters_true", file=sys.stderr)
-        self.run_lock = self._prepare_run_folder()
+        if self.writes_run_folder:
+            self.run_lock = self._prepare_run_folder()
 
     def _prepare_run_folder(self) -> RunLock | None:
         """Point the logger at this run's own folder (claimed, or the resumed one), lock it and

@@ -53,6 +53,8 @@ class ImageFiles(Dataset):
 
 
 class PredictCLI(TrainedCLI):
+    writes_run_folder = False  # it writes one CSV (atomically), no run folder
+
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--images", type=str, nargs="+", default=None, help="image files, folders or globs")

@@ -295,9 +295,9 @@ def test_per_epoch_cosine_is_their_cosine_annealing(tmp_path):
         reference.step()
         annealing.step()
     assert seen == pytest.approx(expected, abs=1e-12) and seen[-1] == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="cosine_epochs >= 1 .got 0."):
+    with pytest.raises(ValueError, match=r"--model.cosine_epochs must be an integer >= 1 .*got 0"):
         TapsModule(tasks=data.num_classes, **TINY, cosine_epochs=0)
-    with pytest.raises(ValueError, match="penalty_divisor must be > 0 .got -52"):
+    with pytest.raises(ValueError, match=r"--model.penalty_divisor must be > 0 .*got -52"):
         TapsModule(tasks=data.num_classes, **TINY, penalty_divisor=-52)
 
 
