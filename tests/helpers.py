@@ -5,13 +5,16 @@ import torch
 import taps_lightning as tl
 
 
-def randomize_tasks(model: tl.TapsModel, scale: float = 0.05, off: tuple[str, ...] = ()) -> None:
-    """Give every task random deltas, norms and scores; layers named in ``off`` get a score below tau."""
+def randomize_tasks(model: tl.TapsModel, scale: float = 0.05,
+                    off: tuple[str, ...] | dict[str, tuple[str, ...]] = ()) -> None:
+    """Give every task random deltas, norms and scores; layers named in ``off`` get a score below tau
+    (``off`` is one tuple for every task, or ``{task: names}`` for a gate pattern per task)."""
     with torch.no_grad():
         for name, layer in model.taps_layers():
             for task in layer.tasks:
+                task_off = off.get(task, ()) if isinstance(off, dict) else off
                 layer.taps_delta[task].normal_(0, scale)
-                layer.taps_score[task].fill_(0.05 if name in off else 0.2)
+                layer.taps_score[task].fill_(0.05 if name in task_off else 0.2)
         for _, norm in model.task_norms():
             for task_norm in norm.norms.values():
                 for p in task_norm.parameters():
