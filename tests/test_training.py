@@ -6,9 +6,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from helpers import TinyTasks
+from helpers import TinyTasks, randomize_tasks
 from taps_lightning import TapsModel, gate_states
 from taps_lightning.module import MODES, TapsModule
 
@@ -64,13 +67,61 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
         assert metrics["val/a/active_layers"] == sum(gate_states(module.model, "a").values())
 
 
-def test_sparsity_penalty_switches_layers_off(tmp_path):
-    L.seed_everything(0)
-    data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, mode="incremental", lam=50.0, score_lr=0.5, **TINY)
-    _trainer(tmp_path, max_epochs=3).fit(module, data)
-    states = gate_states(module.model, "a")
-    assert sum(states.values()) < len(states)  # a strong penalty pushes scores below tau
+def _ce_derivative_along_delta(module, task, x, y, layer, eps=1e-6):
+    """``d/de CE(w + e * delta)`` at ``e = 0`` by central differences (no autograd): the
+    straight-through score gradient ``<dL/dw, delta>``, whether the layer is on or off."""
+    weight, delta = layer.base_layer.weight, layer.taps_delta[task].detach()
+    saved = weight.detach().clone()
+    losses = []
+    with torch.no_grad():
+        for e in (eps, -eps):
+            weight.copy_(saved + e * delta)
+            losses.append(F.cross_entropy(module.model(x, task), y).item())
+        weight.copy_(saved)
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_training_step_score_gradient_is_ste_plus_weighted_penalty():
+    """One training step: ``dL/ds = <dCE/dw, delta> + lam/L * sign(s)`` for every layer of every task."""
+    lam = 0.7
+    torch.manual_seed(0)
+    module = TapsModule(tasks={"a": 3, "b": 4}, mode="incremental", lam=lam, **TINY).double().train()
+    plain = timm.create_model("test_resnet", num_classes=0)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in plain.modules())
+    assert n_layers == len(module.model.gated_names)
+    randomize_tasks(module.model)  # random deltas, and norms whose zero-initialised scales let every layer matter
+    with torch.no_grad():  # some layers on, some off, some with a negative score
+        for i, (_, layer) in enumerate(module.model.taps_layers()):
+            for j, task in enumerate(("a", "b")):
+                layer.taps_score[task].fill_((0.3, 0.05, -0.2)[(i + j) % 3])
+    batch = {t: (torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])) for t in ("a", "b")}
+
+    total = module.training_step(batch, 0)
+    total.backward()
+
+    scores = {t: torch.stack([layer.taps_score[t].detach() for _, layer in module.model.taps_layers()])
+              for t in ("a", "b")}
+    for task, (x, y) in batch.items():
+        for (name, layer), s in zip(module.model.taps_layers(), scores[task]):
+            expected = _ce_derivative_along_delta(module, task, x, y, layer) + lam / n_layers * torch.sign(s).item()
+            assert layer.taps_score[task].grad.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (task, name)
+    with torch.no_grad():  # the loss is cross-entropy plus lam x the mean |score|, per task
+        ce = sum(F.cross_entropy(module.model(x, t), y) for t, (x, y) in batch.items())
+    penalty = sum(scores[t].abs().sum() for t in ("a", "b")) / n_layers
+    torch.testing.assert_close(total.detach(), ce + lam * penalty)
+
+
+def test_more_lambda_switches_more_layers_off(tmp_path):
+    def active_layers(lam):
+        L.seed_everything(0)
+        data = TinyTasks.make()
+        module = TapsModule(tasks=data.num_classes, mode="incremental", lam=lam, **TINY)
+        _trainer(tmp_path, limit_val_batches=0).fit(module, data)
+        return sum(sum(gate_states(module.model, task).values()) for task in module.tasks)
+
+    weak, strong = active_layers(0.5), active_layers(2.0)
+    assert strong < weak  # same seed and data: only lambda differs
 
 
 def test_sparsity_warmup_delays_the_penalty(tmp_path):
