@@ -45,6 +45,8 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
     trainer.fit(module, data)
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # trained weights, not BatchNorm statistics (those move in any backbone run in train mode)
+    changed_params = changed & {f"model.{n}" for n, _ in module.model.named_parameters()}
     if mode == "progressive":  # frozen backbone, adapters trained, tasks grouped after the warm-up epoch
         assert not base_changed_keys(changed) and any(".lora_B." in k for k in changed)
         assert module.model.grouped and module.grouping_epoch == 0
@@ -60,9 +62,14 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
         assert module.model.freeze_base
     if mode == "linear":
         assert changed == {k for k in changed if k.startswith("model.heads.")}
-    if mode == "finetune":
-        assert any(k.startswith("model.backbones.a.") for k in changed)
+    if mode == "finetune":  # each task's own copy is trained
+        for task in ("a", "b"):
+            assert any(k.startswith(f"model.backbones.{task}.") for k in changed_params)
         assert module.task_cost("a")["fraction"] > 1.0
+    if mode == "joint_finetune":  # one shared backbone, trained by the tasks together
+        assert any(k.startswith("model.backbone.") and k.endswith(".weight") for k in changed_params)
+        features = timm.create_model("test_resnet", num_classes=0).num_features
+        assert module.task_cost("a")["task_params"] == features * 4 + 4  # a task stores only its head
     if mode in ("incremental", "joint"):
         assert metrics["val/a/active_layers"] == sum(gate_states(module.model, "a").values())
 
