@@ -1,4 +1,5 @@
 """TapsModule with Lightning: every mode, resume equality, bf16, DDP (gloo) and bad input."""
+import copy
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import TinyTasks, randomize_tasks
+from helpers import TinyTasks, explicit_task_network, randomize_tasks
 from taps_lightning import TapsModel, gate_states
 from taps_lightning.module import MODES, TapsModule
 
@@ -74,18 +75,29 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
         assert metrics["val/a/active_layers"] == sum(gate_states(module.model, "a").values())
 
 
-def _ce_derivative_along_delta(module, task, x, y, layer, eps=1e-6):
-    """``d/de CE(w + e * delta)`` at ``e = 0`` by central differences (no autograd): the
-    straight-through score gradient ``<dL/dw, delta>``, whether the layer is on or off."""
+def _ce_derivative_along_delta(model, task, x, y, layer, eps=1e-6):
+    """``d/de CE(w + e * delta)`` at ``e = 0`` by central differences (no autograd; use float64):
+    the straight-through score gradient ``<dL/dw, delta>``, whether the layer is on or off."""
     weight, delta = layer.base_layer.weight, layer.taps_delta[task].detach()
     saved = weight.detach().clone()
     losses = []
     with torch.no_grad():
         for e in (eps, -eps):
             weight.copy_(saved + e * delta)
-            losses.append(F.cross_entropy(module.model(x, task), y).item())
+            losses.append(F.cross_entropy(model(x, task), y).item())
         weight.copy_(saved)
     return (losses[0] - losses[1]) / (2 * eps)
+
+
+def _expected_score_grads(model, batch, lam) -> dict[str, torch.Tensor]:
+    """``{task: [<dCE/dw, delta> + lam/L * sign(s) for each layer]}`` by hand, in float64."""
+    expected = {}
+    for task, (x, y) in batch.items():
+        layers = list(model.taps_layers())
+        expected[task] = torch.tensor([
+            _ce_derivative_along_delta(model, task, x, y, layer) + lam / len(layers) * torch.sign(layer.taps_score[task]).item()
+            for _, layer in layers], dtype=torch.float64)
+    return expected
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log")
@@ -109,10 +121,10 @@ def test_training_step_score_gradient_is_ste_plus_weighted_penalty():
 
     scores = {t: torch.stack([layer.taps_score[t].detach() for _, layer in module.model.taps_layers()])
               for t in ("a", "b")}
-    for task, (x, y) in batch.items():
-        for (name, layer), s in zip(module.model.taps_layers(), scores[task]):
-            expected = _ce_derivative_along_delta(module, task, x, y, layer) + lam / n_layers * torch.sign(s).item()
-            assert layer.taps_score[task].grad.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), (task, name)
+    expected = _expected_score_grads(module.model, batch, lam)
+    for task in batch:
+        got = torch.stack([layer.taps_score[task].grad for _, layer in module.model.taps_layers()])
+        torch.testing.assert_close(got, expected[task], rtol=1e-5, atol=1e-6, msg=lambda m: f"{task}: {m}")
     with torch.no_grad():  # the loss is cross-entropy plus lam x the mean |score|, per task
         ce = sum(F.cross_entropy(module.model(x, t), y) for t, (x, y) in batch.items())
     penalty = sum(scores[t].abs().sum() for t in ("a", "b")) / n_layers
@@ -174,16 +186,44 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
+    """bf16 autocast: parameters and score gradients stay fp32, and the first step's score
+    gradients equal the hand-computed fp64 ones to bf16 accuracy."""
+
+    class FirstStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                self.model, self.batch = copy.deepcopy(pl_module.model), batch
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 0:
+                self.grads = {t: {n: layer.taps_score[t].grad for n, layer in pl_module.model.taps_layers()}
+                              for t in pl_module.tasks}
+
     L.seed_everything(0)
     data = TinyTasks.make()
     module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
-    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1)
+    randomize_tasks(module.model)  # non-zero deltas: the score gradient has a cross-entropy part
+    first = FirstStep()
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1, callbacks=[first])
     trainer.fit(module, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     for _, layer in module.model.taps_layers():
         assert layer.taps_score["a"].dtype == torch.float32
         assert layer.taps_delta["a"].dtype == torch.float32
-        assert layer.taps_score["a"].grad is None or torch.isfinite(layer.taps_score["a"].grad)
+
+    # the reference: plain autocast autograd through explicit weights w_base + I*delta, then
+    # dL/ds = <dL/dw, delta> + lam/L * sign(s) by hand (the fp32 accumulation of bf16 dL/dw)
+    lam, n_layers = module.hparams.lam, len(first.model.gated_names)
+    for task, (x, y) in first.batch.items():
+        network, weights = explicit_task_network(first.model, task)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(network.train()(x), y).backward()
+        layers = dict(first.model.taps_layers())
+        expected = torch.stack([(weights[n].grad * layers[n].taps_delta[task].detach()).sum()
+                                + lam / n_layers * torch.sign(layers[n].taps_score[task].detach()) for n in weights])
+        grads = [first.grads[task][n] for n in weights]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads), task
+        torch.testing.assert_close(torch.stack(grads), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_bad_configuration_is_rejected_before_training(tmp_path):
