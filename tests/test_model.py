@@ -5,19 +5,23 @@ import torch
 from torch import nn
 
 import taps_lightning as tl
-from helpers import randomize_tasks, tiny_resnet
+from helpers import explicit_task_network, randomize_tasks, tiny_resnet
 
 
-def test_switching_tasks_changes_and_restores_outputs():
-    model = tiny_resnet({"a": 4, "b": 4}).eval()
-    randomize_tasks(model)
+@pytest.mark.parametrize("training", [False, True])
+def test_switching_tasks_switches_deltas_gates_and_norms(training):
+    model = tiny_resnet({"a": 4, "b": 4}).train(training)
+    randomize_tasks(model, off={"a": ("layer1.0.conv1", "layer3.1.conv2"), "b": ("layer2.0.conv2",)})
+    with torch.no_grad():  # one head for both: only the backbone's task-specific parts can tell them apart
+        model.heads["b"].load_state_dict(model.heads["a"].state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        model.set_task("a"); ya = model(x)
-        model.set_task("b"); yb = model(x)
-        model.set_task("a"); ya2 = model(x)
-    assert not torch.allclose(ya, yb)
-    assert torch.equal(ya, ya2)
+        expected = {t: explicit_task_network(model, t)[0].train(training)(x) for t in ("a", "b")}
+    assert not torch.allclose(expected["a"], expected["b"], atol=1e-3)
+    for task in ("a", "b", "a", "b"):  # eval: the cached merged weight must follow the switch too
+        model.set_task(task)
+        with torch.set_grad_enabled(training):
+            torch.testing.assert_close(model(x), expected[task], msg=lambda m: f"after set_task({task!r}): {m}")
 
 
 def test_no_task_is_the_plain_backbone():
