@@ -1,5 +1,6 @@
 """TapsModule with Lightning: every mode, resume equality, bf16, DDP (gloo) and bad input."""
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -300,6 +301,17 @@ def test_cli_ddp_gloo_two_processes(mode, tmp_path):
     assert "x2" in out and "| sketch |" in out
     if mode == "progressive":
         assert "ddp_find_unused_parameters_true" in out and "progressive adapters grouped" in out
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_counts_every_sample_once(tmp_path):
+    """2 gloo processes on 11 samples per task: each is evaluated once (a padding sampler would give 12)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_eval_counts.py"), "11", str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("COUNTS "))
+    assert json.loads(line[len("COUNTS "):]) == {"val/a": 11, "val/b": 11, "test/a": 11, "test/b": 11}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
