@@ -43,7 +43,14 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
     data = TinyTasks.make()
     module = TapsModule(tasks=data.num_classes, mode=mode, joint_epochs=1, **TINY)
     before = _snapshot(module)
-    trainer = _trainer(tmp_path)
+
+    class FirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.state = _snapshot(pl_module)
+
+    first_epoch = FirstEpoch()
+    trainer = _trainer(tmp_path, callbacks=[first_epoch])
     trainer.fit(module, data)
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -62,6 +69,12 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
         assert base_changed and any(".taps_delta." in k for k in changed)
     if mode == "memory_efficient":  # epoch 0 trained the base jointly, epoch 1 was incremental TAPS on it
         assert module.model.freeze_base
+        mid = first_epoch.state
+        joint_phase = {k for k in before if not torch.equal(before[k], mid[k])}
+        taps_phase = {k for k in mid if not torch.equal(mid[k], after[k])}
+        assert base_changed_keys(joint_phase) and not base_changed_keys(taps_phase)
+        assert not any(".taps_delta." in k or ".taps_score." in k for k in joint_phase)
+        assert any(".taps_delta." in k for k in taps_phase) and any(".taps_score." in k for k in taps_phase)
     if mode == "linear":
         assert changed == {k for k in changed if k.startswith("model.heads.")}
     if mode == "finetune":  # each task's own copy is trained
@@ -142,6 +155,28 @@ def test_more_lambda_switches_more_layers_off(tmp_path):
 
     weak, strong = active_layers(0.5), active_layers(2.0)
     assert strong < weak  # same seed and data: only lambda differs
+
+
+def test_scores_have_their_own_lr_and_no_weight_decay():
+    """One plain SGD step (no momentum): ``s - score_lr * g`` for scores, ``p - lr * (g + wd * p)`` for the rest."""
+    lr, score_lr, wd = 0.1, 0.3, 0.01
+    module = TapsModule(tasks={"a": 3}, mode="joint", **{**TINY, "lr": lr}, score_lr=score_lr, weight_decay=wd,
+                        momentum=0.0, scheduler="none")
+    optimizer = module.configure_optimizers()
+    params = dict(module.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert any(".taps_score." in n for n in params) and any(".base_layer." in n for n in params)
+    for name, p in params.items():
+        if not p.requires_grad:  # the norms' pre-trained templates
+            expected = before[name]
+        elif ".taps_score." in name:
+            expected = before[name] - score_lr
+        else:  # deltas, the shared base (joint mode), task norms and heads
+            expected = before[name] - lr * (1 + wd * before[name])
+        torch.testing.assert_close(p.detach(), expected, msg=lambda m: f"{name}: {m}")
 
 
 def test_sparsity_warmup_delays_the_penalty(tmp_path):
