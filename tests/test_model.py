@@ -85,6 +85,20 @@ def test_sparsity_loss_value_and_layer_count():
     torch.testing.assert_close(grads, torch.sign(values) / 20)
 
 
+def test_exclude_keeps_modules_shared_and_ungated():
+    torch.manual_seed(0)
+    model = tl.TapsModel(timm.create_model("resnet18", num_classes=0), {"a": 3}, exclude=["conv1", "layer4"])
+    reference = dict(timm.create_model("resnet18", num_classes=0).named_modules())
+    kept = [n for n in _independent_gated_names("resnet18") if n != "conv1" and not n.startswith("layer4.")]
+    assert sorted(model.gated_names) == sorted(kept) and len(kept) == 20 - 1 - 5
+    assert "bn1" in model.norm_names and not any(n.startswith("layer4.") for n in model.norm_names)
+    for name in ("conv1", "layer4.0.conv1", "layer4.1.bn2", "layer4.0.downsample.0"):
+        assert type(model.backbone.get_submodule(name)) is type(reference[name])  # the plain module, unwrapped
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in model.backbone.layer4.parameters())
+    assert all(id(p) not in shared for p in model.task_parameters("a"))
+
+
 def test_gate_states_follow_forward_order():
     model = tiny_resnet({"a": 3})
     model(torch.randn(2, 3, 32, 32))
