@@ -1,19 +1,24 @@
 """Small builders shared by the tests."""
+import copy
 import zlib
 
 import timm
 import torch
+from torch import nn
 
 import taps_lightning as tl
 
 
-def randomize_tasks(model: tl.TapsModel, scale: float = 0.05, off: tuple[str, ...] = ()) -> None:
-    """Give every task random deltas, norms and scores; layers named in ``off`` get a score below tau."""
+def randomize_tasks(model: tl.TapsModel, scale: float = 0.05,
+                    off: tuple[str, ...] | dict[str, tuple[str, ...]] = ()) -> None:
+    """Give every task random deltas, norms and scores; layers named in ``off`` get a score below tau
+    (``off`` is one tuple for every task, or ``{task: names}`` for a gate pattern per task)."""
     with torch.no_grad():
         for name, layer in model.taps_layers():
             for task in layer.tasks:
+                task_off = off.get(task, ()) if isinstance(off, dict) else off
                 layer.taps_delta[task].normal_(0, scale)
-                layer.taps_score[task].fill_(0.05 if name in off else 0.2)
+                layer.taps_score[task].fill_(0.05 if name in task_off else 0.2)
         for _, norm in model.task_norms():
             for task_norm in norm.norms.values():
                 for p in task_norm.parameters():
@@ -21,6 +26,30 @@ def randomize_tasks(model: tl.TapsModel, scale: float = 0.05, off: tuple[str, ..
                 if hasattr(task_norm, "running_mean") and task_norm.running_mean is not None:
                     task_norm.running_mean.normal_(0, 0.1)
                     task_norm.running_var.uniform_(0.5, 1.5)
+
+
+def explicit_task_network(model: tl.TapsModel, task: str) -> tuple[nn.Sequential, dict[str, nn.Parameter]]:
+    """``task``'s network written out without TAPS code: a copy of the backbone in which each gated
+    layer is its plain base layer with a new leaf weight ``w = w_base + I(s >= tau) * delta``
+    (the gate compared here), each norm is the task's copy, followed by the task's head.
+    Returns the network and ``{layer name: w}``, whose ``.grad`` is ``dL/dw`` after a backward."""
+    net = copy.deepcopy(model.backbone)
+    weights = {}
+    for name in model.gated_names:
+        wrapper = net.get_submodule(name)
+        plain = wrapper.base_layer
+        on = wrapper.taps_score[task].item() >= model.threshold
+        weights[name] = nn.Parameter(plain.weight.detach() + (wrapper.taps_delta[task].detach() if on else 0))
+        plain.weight = weights[name]
+        _replace(net, name, plain)
+    for name in model.norm_names:
+        _replace(net, name, net.get_submodule(name).norms[task])
+    return nn.Sequential(net, copy.deepcopy(model.heads[task])), weights
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:

@@ -58,6 +58,21 @@ def test_joint_batches_are_tagged_by_task(tmp_path):
     assert [len(d) for d in dm.val_dataloader()] == [3, 3]
 
 
+def test_smaller_tasks_cycle_within_the_largest_tasks_epoch(tmp_path):
+    _folder_tree(tmp_path, tasks=("flowers",), classes=3, per_class=4)  # 12 training images: 6 batches of 2
+    _folder_tree(tmp_path, tasks=("cars",), classes=2, per_class=2)  # 4 images: 2 batches, cycled 3 times
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
+    dm.setup("fit")
+    batches = [batch for batch, _, _ in dm.train_dataloader()]
+    assert len(batches) == 6
+    assert all(set(b) == {"cars", "flowers"} and len(b["cars"][1]) == len(b["flowers"][1]) == 2 for b in batches)
+    for start in (0, 2, 4):  # each pass over cars holds all of its images once
+        labels = torch.cat([b["cars"][1] for b in batches[start:start + 2]])
+        assert sorted(labels.tolist()) == [0, 0, 1, 1]
+    flowers = torch.cat([b["flowers"][1] for b in batches])
+    assert sorted(flowers.tolist()) == [0] * 4 + [1] * 4 + [2] * 4  # the largest task, once
+
+
 def test_imagenet_to_sketch_checks_class_counts(tmp_path):
     for c in range(102):
         _img(tmp_path / "flowers" / "train" / f"{c:03d}" / "a.jpg", c)

@@ -6,6 +6,7 @@ import pytest
 from experiments import bench, reproduce
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main(["--archs", "test_resnet", "--batch", "2", "--size", "32", "--repeats", "2", "--warmup", "1",

@@ -3,52 +3,67 @@ import pytest
 import timm
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import taps_lightning as tl
 from helpers import randomize_tasks, tiny_resnet
 from taps_lightning.layers import TapsLayer
 from taps_lightning.norms import TaskNorm
 
-OFF = ("layer1.0.conv1", "layer3.0.downsample.0", "layer4.1.conv2")
+# Each task switches off other layers, so that exporting one task with another's gates fails.
+OFF = {"a": ("layer1.0.conv2", "layer2.1.conv1", "layer4.0.conv2"),
+       "b": ("layer1.0.conv1", "layer3.0.downsample.0", "layer4.1.conv2")}
 
 
-def test_merge_matches_gated_model_and_is_plain():
+@pytest.mark.parametrize("task", ["a", "b"])
+def test_merge_matches_gated_model_and_is_plain(task):
     model = tiny_resnet({"a": 4, "b": 6}).eval()
     randomize_tasks(model, off=OFF)
-    merged = tl.merge(model, "b").eval()
+    merged = tl.merge(model, task).eval()
     assert type(merged) is type(model.backbone)
     assert not any(isinstance(m, (TapsLayer, TaskNorm, tl.TapsModel)) for m in merged.modules())
-    assert merged.fc.out_features == 6
+    assert merged.fc.out_features == model.num_classes[task]
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        model.set_task("b")
+        model.set_task(task)
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
-    # folding is the sum of the tensors, checked on one active and one inactive layer
-    layer = model.backbone.layer1[0].conv2
-    torch.testing.assert_close(merged.layer1[0].conv2.weight, layer.base_layer.weight + layer.taps_delta["b"])
-    torch.testing.assert_close(merged.layer1[0].conv1.weight, model.backbone.layer1[0].conv1.base_layer.weight)
+    # folding is the sum of the tensors where this task's gate is on, the base where it is off,
+    # whatever the other task's gate on that layer
+    merged_layers = dict(merged.named_modules())
+    for name, layer in model.taps_layers():
+        base = layer.base_layer.weight
+        expected = base if name in OFF[task] else base + layer.taps_delta[task]
+        torch.testing.assert_close(merged_layers[name].weight, expected, msg=name)
 
 
-def test_save_load_roundtrip_and_file_contents(tmp_path):
+@pytest.mark.parametrize("task", ["a", "b"])
+def test_save_load_roundtrip_and_file_contents(task, tmp_path):
     model = tiny_resnet({"a": 4, "b": 6}).eval()
     randomize_tasks(model, off=OFF)
-    path = tl.save_task(model, "b", tmp_path / "b.safetensors")
+    path = tl.save_task(model, task, tmp_path / f"{task}.safetensors")
     with safe_open(str(path), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     deltas = {k[len("delta."):] for k in keys if k.startswith("delta.")}
-    assert deltas == set(model.gated_names) - set(OFF)  # no inactive delta stored
-    assert meta["backbone"] == "resnet18" and meta["num_classes"] == "6" and float(meta["threshold"]) == 0.1
+    assert deltas == set(model.gated_names) - set(OFF[task])  # this task's active deltas, no inactive one
+    stored = load_file(str(path))
+    for name, layer in model.taps_layers():  # this task's tensors, not another task's
+        assert stored[f"score.{name}"].item() == layer.taps_score[task].item()
+        if name in deltas:
+            assert torch.equal(stored[f"delta.{name}"], layer.taps_delta[task].detach())
+    assert meta["backbone"] == "resnet18" and float(meta["threshold"]) == 0.1
+    assert meta["num_classes"] == str(model.num_classes[task]) and meta["active_layers"] == str(len(deltas))
 
-    fresh = tiny_resnet({"a": 4}).eval()  # same seed: same shared base
-    assert tl.load_task(fresh, path) == "b"
+    fresh = tiny_resnet({"c": 4}).eval()  # same seed: same shared base
+    assert tl.load_task(fresh, path) == task
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        model.set_task("b"); fresh.set_task("b")
+        model.set_task(task); fresh.set_task(task)
         torch.testing.assert_close(fresh(x), model(x))
-    assert tl.gate_states(fresh, "b") == tl.gate_states(model, "b")
+    assert [n for n, on in tl.gate_states(fresh, task).items() if not on] == [
+        n for n in fresh.layer_order() if n in OFF[task]]
     # loading again replaces the task
     tl.load_task(fresh, path)
-    assert fresh.tasks == ["a", "b"]
+    assert fresh.tasks == ["c", task]
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -84,7 +99,8 @@ def test_api_on_architectures(arch, size, tmp_path):
     model = tl.TapsModel(timm.create_model(arch, pretrained=False, num_classes=0), {"flowers": 5, "cars": 3})
     model.add_task("sketch", 4)
     model.remove_task("flowers")
-    randomize_tasks(model, scale=0.01, off=tuple(model.gated_names[::3]))
+    names = tuple(model.gated_names)
+    randomize_tasks(model, scale=0.01, off={"cars": names[::3], "sketch": names[1::3]})
     model.eval().set_task("cars")
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import randomize_tasks, single_task_layer, tiny_resnet
+from tests.helpers import explicit_task_network, randomize_tasks, single_task_layer, tiny_resnet
 
 TAU = 0.1
 
@@ -113,17 +113,32 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
     torch.testing.assert_close(score.grad, (w.grad * delta.detach()).sum(), atol=0.2, rtol=0.05)
 
 
-def test_whole_model_gradients_equal_with_and_without_recompute():
-    """A ResNet-18 training step gives the same gradients either way, some layers off."""
-    x = torch.randn(2, 3, 32, 32)
-    grads = []
-    for recompute in (True, False):
-        model = tiny_resnet({"a": 3}, recompute_weight=recompute, freeze_base=False)
-        assert all(layer.recompute_weight is recompute for _, layer in model.taps_layers())
-        randomize_tasks(model, off=("layer1.0.conv1", "layer3.1.conv2"))
-        model.train()
-        F.cross_entropy(model(x), torch.tensor([0, 2])).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name, atol=1e-5, rtol=1e-4)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_whole_model_gradients_match_explicit_weights(recompute):
+    """A ResNet-18 training step (joint mode, some layers off), with and without recomputing the
+    weight, against autograd through explicit leaf weights ``w = w_base + I*delta``:
+    ``dL/dw_base = dL/dw``, ``dL/ddelta = I dL/dw``, ``dL/ds = <dL/dw, delta>``; norms and head as usual."""
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    off = ("layer1.0.conv1", "layer3.1.conv2")
+    model = tiny_resnet({"a": 3}, recompute_weight=recompute, freeze_base=False)
+    assert all(layer.recompute_weight is recompute for _, layer in model.taps_layers())
+    randomize_tasks(model, off=off)
+    model.train()
+    network, weights = explicit_task_network(model, "a")
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(network.train()(x), y).backward()
+
+    close = dict(atol=1e-5, rtol=1e-4)
+    for name, layer in model.taps_layers():
+        dw, delta = weights[name].grad, layer.taps_delta["a"].detach()
+        torch.testing.assert_close(layer.base_layer.weight.grad, dw, msg=lambda m: f"{name} base: {m}", **close)
+        torch.testing.assert_close(layer.taps_delta["a"].grad, torch.zeros_like(dw) if name in off else dw,
+                                   msg=lambda m: f"{name} delta: {m}", **close)
+        torch.testing.assert_close(layer.taps_score["a"].grad, (dw * delta).sum(),
+                                   msg=lambda m: f"{name} score: {m}", **close)
+    for name, norm in model.task_norms():
+        explicit = dict(network[0].get_submodule(name).named_parameters())
+        for key, p in norm.norms["a"].named_parameters():
+            torch.testing.assert_close(p.grad, explicit[key].grad, msg=lambda m: f"{name}.{key}: {m}", **close)
+    for key, p in model.heads["a"].named_parameters():
+        torch.testing.assert_close(p.grad, dict(network[1].named_parameters())[key].grad, **close)

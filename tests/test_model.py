@@ -5,19 +5,23 @@ import torch
 from torch import nn
 
 import taps_lightning as tl
-from helpers import randomize_tasks, tiny_resnet
+from helpers import explicit_task_network, randomize_tasks, tiny_resnet
 
 
-def test_switching_tasks_changes_and_restores_outputs():
-    model = tiny_resnet({"a": 4, "b": 4}).eval()
-    randomize_tasks(model)
+@pytest.mark.parametrize("training", [False, True])
+def test_switching_tasks_switches_deltas_gates_and_norms(training):
+    model = tiny_resnet({"a": 4, "b": 4}).train(training)
+    randomize_tasks(model, off={"a": ("layer1.0.conv1", "layer3.1.conv2"), "b": ("layer2.0.conv2",)})
+    with torch.no_grad():  # one head for both: only the backbone's task-specific parts can tell them apart
+        model.heads["b"].load_state_dict(model.heads["a"].state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        model.set_task("a"); ya = model(x)
-        model.set_task("b"); yb = model(x)
-        model.set_task("a"); ya2 = model(x)
-    assert not torch.allclose(ya, yb)
-    assert torch.equal(ya, ya2)
+        expected = {t: explicit_task_network(model, t)[0].train(training)(x) for t in ("a", "b")}
+    assert not torch.allclose(expected["a"], expected["b"], atol=1e-3)
+    for task in ("a", "b", "a", "b"):  # eval: the cached merged weight must follow the switch too
+        model.set_task(task)
+        with torch.set_grad_enabled(training):
+            torch.testing.assert_close(model(x), expected[task], msg=lambda m: f"after set_task({task!r}): {m}")
 
 
 def test_no_task_is_the_plain_backbone():
@@ -79,6 +83,20 @@ def test_sparsity_loss_value_and_layer_count():
     loss.backward()
     grads = torch.stack([layer.taps_score["a"].grad for _, layer in model.taps_layers()])
     torch.testing.assert_close(grads, torch.sign(values) / 20)
+
+
+def test_exclude_keeps_modules_shared_and_ungated():
+    torch.manual_seed(0)
+    model = tl.TapsModel(timm.create_model("resnet18", num_classes=0), {"a": 3}, exclude=["conv1", "layer4"])
+    reference = dict(timm.create_model("resnet18", num_classes=0).named_modules())
+    kept = [n for n in _independent_gated_names("resnet18") if n != "conv1" and not n.startswith("layer4.")]
+    assert sorted(model.gated_names) == sorted(kept) and len(kept) == 20 - 1 - 5
+    assert "bn1" in model.norm_names and not any(n.startswith("layer4.") for n in model.norm_names)
+    for name in ("conv1", "layer4.0.conv1", "layer4.1.bn2", "layer4.0.downsample.0"):
+        assert type(model.backbone.get_submodule(name)) is type(reference[name])  # the plain module, unwrapped
+    shared = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in shared for p in model.backbone.layer4.parameters())
+    assert all(id(p) not in shared for p in model.task_parameters("a"))
 
 
 def test_gate_states_follow_forward_order():

@@ -125,18 +125,43 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
     from callbacks import ResultsReport, TaskSimilarityLogger
     from helpers import TinyTasks
 
+    class WarmUpBatches(L.Callback):  # the model and batch of each step whose gradients measure similarity
+        def __init__(self):
+            self.steps = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 0 and batch_idx < 2:
+                self.steps.append((copy.deepcopy(pl_module.model), batch))
+
     L.seed_everything(0)
     data = TinyTasks.make(tasks=("a", "b", "c"), classes=(4, 3, 4))
     module = TapsModule(backbone="test_resnet", tasks=data.num_classes, mode="progressive", adapter_rank=2,
                         num_stages=3, similarity_epochs=1, similarity_batches=2, lr=0.05)
     logger = TensorBoardLogger(tmp_path, name="p")
-    report_cb = ResultsReport()
+    report_cb, warm_up = ResultsReport(), WarmUpBatches()
     L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, enable_checkpointing=False,
-              callbacks=[TaskSimilarityLogger(), report_cb]).fit(module, data)
+              callbacks=[TaskSimilarityLogger(), report_cb, warm_up]).fit(module, data)
     model = module.model
     assert [len(model.groups[s]) for s in range(3)] == [1, 2, 3] == model.schedule
-    assert all(torch.allclose(torch.diag(s), torch.ones(3)) for s in module.similarity.values())
+    # each stage's similarity: cosines of each task's cross-entropy gradient with respect to that
+    # stage's shared adapter, summed over the similarity batches, recomputed here by plain autograd
+    assert len(warm_up.steps) == 2
+    for stage in range(3):
+        summed = {}
+        for step_model, batch in warm_up.steps:
+            shared = [p for name, layer in step_model.lora_layers() if step_model.stage_of[name] == stage
+                      for p in (layer.lora_A["0"], layer.lora_B["0"])]
+            for task, (x, y) in batch.items():
+                grads = torch.autograd.grad(F.cross_entropy(step_model(x, task), y), shared)
+                summed[task] = summed.get(task, 0) + torch.cat([g.reshape(-1) for g in grads])
+        v = [summed[t] for t in model.tasks]
+        expected = torch.tensor([[float(a @ b / (a.norm() * b.norm())) for b in v] for a in v])
+        torch.testing.assert_close(module.similarity[stage], expected, atol=1e-4, rtol=1e-3)
+        if stage == 1:  # two groups of three tasks: the most similar pair shares the adapter
+            i, j = divmod(int((expected - 2 * torch.eye(3)).argmax()), 3)
+            assert sorted(map(sorted, model.groups[1])) == sorted([sorted([model.tasks[i], model.tasks[j]]),
+                                                                   [model.tasks[3 - i - j]]])
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0}).Reload()
     assert {"progressive/similarity_stage0", "progressive/similarity_stage2"} <= set(events.Tags()["images"])
     report = (tmp_path / "p" / "version_0" / "report.md").read_text()

@@ -1,4 +1,6 @@
 """TapsModule with Lightning: every mode, resume equality, bf16, DDP (gloo) and bad input."""
+import copy
+import json
 import os
 import subprocess
 import sys
@@ -6,9 +8,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from helpers import TinyTasks
+from helpers import TinyTasks, explicit_task_network, randomize_tasks
 from taps_lightning import TapsModel, gate_states
 from taps_lightning.module import MODES, TapsModule
 
@@ -38,10 +43,19 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
     data = TinyTasks.make()
     module = TapsModule(tasks=data.num_classes, mode=mode, joint_epochs=1, **TINY)
     before = _snapshot(module)
-    trainer = _trainer(tmp_path)
+
+    class FirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                self.state = _snapshot(pl_module)
+
+    first_epoch = FirstEpoch()
+    trainer = _trainer(tmp_path, callbacks=[first_epoch])
     trainer.fit(module, data)
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # trained weights, not BatchNorm statistics (those move in any backbone run in train mode)
+    changed_params = changed & {f"model.{n}" for n, _ in module.model.named_parameters()}
     if mode == "progressive":  # frozen backbone, adapters trained, tasks grouped after the warm-up epoch
         assert not base_changed_keys(changed) and any(".lora_B." in k for k in changed)
         assert module.model.grouped and module.grouping_epoch == 0
@@ -55,22 +69,114 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
         assert base_changed and any(".taps_delta." in k for k in changed)
     if mode == "memory_efficient":  # epoch 0 trained the base jointly, epoch 1 was incremental TAPS on it
         assert module.model.freeze_base
+        mid = first_epoch.state
+        joint_phase = {k for k in before if not torch.equal(before[k], mid[k])}
+        taps_phase = {k for k in mid if not torch.equal(mid[k], after[k])}
+        assert base_changed_keys(joint_phase) and not base_changed_keys(taps_phase)
+        assert not any(".taps_delta." in k or ".taps_score." in k for k in joint_phase)
+        assert any(".taps_delta." in k for k in taps_phase) and any(".taps_score." in k for k in taps_phase)
     if mode == "linear":
         assert changed == {k for k in changed if k.startswith("model.heads.")}
-    if mode == "finetune":
-        assert any(k.startswith("model.backbones.a.") for k in changed)
+    if mode == "finetune":  # each task's own copy is trained
+        for task in ("a", "b"):
+            assert any(k.startswith(f"model.backbones.{task}.") for k in changed_params)
         assert module.task_cost("a")["fraction"] > 1.0
+    if mode == "joint_finetune":  # one shared backbone, trained by the tasks together
+        assert any(k.startswith("model.backbone.") and k.endswith(".weight") for k in changed_params)
+        features = timm.create_model("test_resnet", num_classes=0).num_features
+        assert module.task_cost("a")["task_params"] == features * 4 + 4  # a task stores only its head
     if mode in ("incremental", "joint"):
         assert metrics["val/a/active_layers"] == sum(gate_states(module.model, "a").values())
 
 
-def test_sparsity_penalty_switches_layers_off(tmp_path):
-    L.seed_everything(0)
-    data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, mode="incremental", lam=50.0, score_lr=0.5, **TINY)
-    _trainer(tmp_path, max_epochs=3).fit(module, data)
-    states = gate_states(module.model, "a")
-    assert sum(states.values()) < len(states)  # a strong penalty pushes scores below tau
+def _ce_derivative_along_delta(model, task, x, y, layer, eps=1e-6):
+    """``d/de CE(w + e * delta)`` at ``e = 0`` by central differences (no autograd; use float64):
+    the straight-through score gradient ``<dL/dw, delta>``, whether the layer is on or off."""
+    weight, delta = layer.base_layer.weight, layer.taps_delta[task].detach()
+    saved = weight.detach().clone()
+    losses = []
+    with torch.no_grad():
+        for e in (eps, -eps):
+            weight.copy_(saved + e * delta)
+            losses.append(F.cross_entropy(model(x, task), y).item())
+        weight.copy_(saved)
+    return (losses[0] - losses[1]) / (2 * eps)
+
+
+def _expected_score_grads(model, batch, lam) -> dict[str, torch.Tensor]:
+    """``{task: [<dCE/dw, delta> + lam/L * sign(s) for each layer]}`` by hand, in float64."""
+    expected = {}
+    layers = [layer for _, layer in model.taps_layers()]
+    for task, (x, y) in batch.items():
+        expected[task] = torch.tensor([_ce_derivative_along_delta(model, task, x, y, layer)
+                                       + lam / len(layers) * torch.sign(layer.taps_score[task]).item()
+                                       for layer in layers], dtype=torch.float64)
+    return expected
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+def test_training_step_score_gradient_is_ste_plus_weighted_penalty():
+    """One training step: ``dL/ds = <dCE/dw, delta> + lam/L * sign(s)`` for every layer of every task."""
+    lam = 0.7
+    torch.manual_seed(0)
+    module = TapsModule(tasks={"a": 3, "b": 4}, mode="incremental", lam=lam, **TINY).double().train()
+    plain = timm.create_model("test_resnet", num_classes=0)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in plain.modules())
+    assert n_layers == len(module.model.gated_names)
+    randomize_tasks(module.model)  # random deltas, and norms whose zero-initialised scales let every layer matter
+    with torch.no_grad():  # some layers on, some off, some with a negative score
+        for i, (_, layer) in enumerate(module.model.taps_layers()):
+            for j, task in enumerate(("a", "b")):
+                layer.taps_score[task].fill_((0.3, 0.05, -0.2)[(i + j) % 3])
+    batch = {t: (torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])) for t in ("a", "b")}
+
+    total = module.training_step(batch, 0)
+    total.backward()
+
+    scores = {t: torch.stack([layer.taps_score[t].detach() for _, layer in module.model.taps_layers()])
+              for t in ("a", "b")}
+    expected = _expected_score_grads(module.model, batch, lam)
+    for task in batch:
+        got = torch.stack([layer.taps_score[task].grad for _, layer in module.model.taps_layers()])
+        torch.testing.assert_close(got, expected[task], rtol=1e-5, atol=1e-6, msg=lambda m: f"{task}: {m}")
+    with torch.no_grad():  # the loss is cross-entropy plus lam x the mean |score|, per task
+        ce = sum(F.cross_entropy(module.model(x, t), y) for t, (x, y) in batch.items())
+    penalty = sum(scores[t].abs().sum() for t in ("a", "b")) / n_layers
+    torch.testing.assert_close(total.detach(), ce + lam * penalty)
+
+
+def test_more_lambda_switches_more_layers_off(tmp_path):
+    def active_layers(lam):
+        L.seed_everything(0)
+        data = TinyTasks.make()
+        module = TapsModule(tasks=data.num_classes, mode="incremental", lam=lam, **TINY)
+        _trainer(tmp_path, limit_val_batches=0).fit(module, data)
+        return sum(sum(gate_states(module.model, task).values()) for task in module.tasks)
+
+    weak, strong = active_layers(0.5), active_layers(2.0)
+    assert strong < weak  # same seed and data: only lambda differs
+
+
+def test_scores_have_their_own_lr_and_no_weight_decay():
+    """One plain SGD step (no momentum): ``s - score_lr * g`` for scores, ``p - lr * (g + wd * p)`` for the rest."""
+    lr, score_lr, wd = 0.1, 0.3, 0.01
+    module = TapsModule(tasks={"a": 3}, mode="joint", **{**TINY, "lr": lr}, score_lr=score_lr, weight_decay=wd,
+                        momentum=0.0, scheduler="none")
+    optimizer = module.configure_optimizers()
+    params = dict(module.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert any(".taps_score." in n for n in params) and any(".base_layer." in n for n in params)
+    for name, p in params.items():
+        if not p.requires_grad:  # the norms' pre-trained templates
+            expected = before[name]
+        elif ".taps_score." in name:
+            expected = before[name] - score_lr
+        else:  # deltas, the shared base (joint mode), task norms and heads
+            expected = before[name] - lr * (1 + wd * before[name])
+        torch.testing.assert_close(p.detach(), expected, msg=lambda m: f"{name}: {m}")
 
 
 def test_sparsity_warmup_delays_the_penalty(tmp_path):
@@ -116,16 +222,44 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
+    """bf16 autocast: parameters and score gradients stay fp32, and the first step's score gradients
+    are those of plain autocast through explicit weights (bf16 dL/dw, reduced with delta in fp32)."""
+
+    class FirstStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                self.model, self.batch = copy.deepcopy(pl_module.model), batch
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 0:
+                self.grads = {t: {n: layer.taps_score[t].grad for n, layer in pl_module.model.taps_layers()}
+                              for t in pl_module.tasks}
+
     L.seed_everything(0)
     data = TinyTasks.make()
     module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
-    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1)
+    randomize_tasks(module.model)  # non-zero deltas: the score gradient has a cross-entropy part
+    first = FirstStep()
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1, callbacks=[first])
     trainer.fit(module, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     for _, layer in module.model.taps_layers():
         assert layer.taps_score["a"].dtype == torch.float32
         assert layer.taps_delta["a"].dtype == torch.float32
-        assert layer.taps_score["a"].grad is None or torch.isfinite(layer.taps_score["a"].grad)
+
+    # the reference: plain autocast autograd through explicit weights w_base + I*delta, then
+    # dL/ds = <dL/dw, delta> + lam/L * sign(s) by hand (the fp32 accumulation of bf16 dL/dw)
+    lam, n_layers = module.hparams.lam, len(first.model.gated_names)
+    for task, (x, y) in first.batch.items():
+        network, weights = explicit_task_network(first.model, task)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(network.train()(x), y).backward()
+        layers = dict(first.model.taps_layers())
+        expected = torch.stack([(weights[n].grad * layers[n].taps_delta[task].detach()).sum()
+                                + lam / n_layers * torch.sign(layers[n].taps_score[task].detach()) for n in weights])
+        grads = [first.grads[task][n] for n in weights]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads), task
+        torch.testing.assert_close(torch.stack(grads), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_bad_configuration_is_rejected_before_training(tmp_path):
@@ -202,6 +336,17 @@ def test_cli_ddp_gloo_two_processes(mode, tmp_path):
     assert "x2" in out and "| sketch |" in out
     if mode == "progressive":
         assert "ddp_find_unused_parameters_true" in out and "progressive adapters grouped" in out
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_counts_every_sample_once(tmp_path):
+    """2 gloo processes on 11 samples per task: each is evaluated once (a padding sampler would give 12)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_eval_counts.py"), "11", str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(l for l in result.stdout.splitlines() if l.startswith("COUNTS "))
+    assert json.loads(line[len("COUNTS "):]) == {"val/a": 11, "val/b": 11, "test/a": 11, "test/b": 11}
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
