@@ -52,6 +52,7 @@ class EvaluateCLI(TrainedCLI):
             data_args.tasks = [t for t in data_args.tasks if t in tasks]
 
     def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
         self.trained.check_data(self.datamodule.num_classes)
         self.trained.load_into(self.model)
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, FIT_ONLY_CALLBACKS)]

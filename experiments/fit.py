@@ -114,6 +114,7 @@ class TapsCLI(LightningCLI):
         if root_dir and str(init.save_dir) == DEFAULT_SAVE_DIR:
             init.save_dir = str(Path(root_dir) / DEFAULT_SAVE_DIR)  # honour Lightning's flag for our default logger
         runs = Path(init.save_dir, init.name or "")
+        self._logger_init, self._given_version = init, init.version
         if resuming:
             path, version = find_last_checkpoint(init.save_dir, init.name)
             cfg.ckpt_path = str(path)
@@ -130,6 +131,7 @@ class TapsCLI(LightningCLI):
             return None
         run_dir = runs / (init.version if isinstance(init.version, str) else f"version_{init.version}")
         check_writable(run_dir, "the run folder")
+        run_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock = RunLock(run_dir).acquire()
         except RunInUseError as err:
@@ -144,6 +146,10 @@ class TapsCLI(LightningCLI):
         # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
         if hasattr(self.datamodule, "set_normalization"):
             self.datamodule.set_normalization(*self.model.input_mean_std)
+        # The logger now has its folder; config.yaml keeps the version the user gave (usually none),
+        # so that `--config <run>/config.yaml` starts a new run instead of reusing this folder.
+        if getattr(self, "_logger_init", None) is not None:
+            self._logger_init.version = self._given_version
 
 
 def main(args: list[str] | None = None) -> TapsCLI:

@@ -35,6 +35,7 @@ def claim_version(root: str | os.PathLike) -> int:
     """Create ``root/version_N`` for the smallest free ``N`` above every existing one and return ``N``."""
     root = Path(root)
     check_writable(root, "the log folder (--trainer.default_root_dir or --trainer.logger.init_args.save_dir)")
+    root.mkdir(parents=True, exist_ok=True)
     existing = [v for v in (_version_of(p) for p in root.iterdir()) if v is not None]
     version = max(existing, default=-1) + 1
     while True:
@@ -46,15 +47,21 @@ def claim_version(root: str | os.PathLike) -> int:
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> Path:
-    """Create ``folder`` if needed and prove a file can be written there, before any training."""
-    folder = Path(folder)
+    """Prove that ``folder`` can be written (or created) before any training, leaving nothing
+    behind: a file is written and removed in ``folder`` or in its nearest existing ancestor."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_test_"):
             pass
     except OSError as err:
         raise SystemExit(
-            f"{what}: cannot write to {folder} ({type(err).__name__}: {err.strerror or err}). "
+            f"{what}: cannot write to {folder} ({type(err).__name__}: {err.strerror or err}"
+            f"{f' at {existing}' if existing != folder else ''}). "
             "Choose a writable folder (e.g. --trainer.default_root_dir /scratch/$USER) before training starts."
         ) from None
     return folder

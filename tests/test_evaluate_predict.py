@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import taps_lightning as tl
 from callbacks.export import adapter_dir
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 from experiments import evaluate, predict
 from experiments.fit import main as fit_main
 from helpers import tiny_resnet
@@ -163,7 +164,8 @@ def _expected_inputs(paths: list[Path], wide: torch.Tensor) -> torch.Tensor:
          for p in paths[:3]]
     resized = F.interpolate(wide[None].float() / 255, size=(32, 38), mode="bilinear", antialias=True, align_corners=False)
     x.append(resized[0, :, :, 3:35])
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    cfg = timm.create_model("test_resnet").pretrained_cfg  # fit and predict normalise as the backbone's weights expect
+    mean, std = torch.tensor(cfg["mean"])[:, None, None], torch.tensor(cfg["std"])[:, None, None]
     return (torch.stack(x) - mean) / std
 
 
