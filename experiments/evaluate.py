@@ -61,13 +61,9 @@ class EvaluateCLI(TrainedCLI):
 
 
 def main(args: list[str] | None = None) -> EvaluateCLI:
-    cli = EvaluateCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
-                      seed_everything_default=0)
-    try:
+    with EvaluateCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+                     seed_everything_default=0) as cli:
         _evaluate(cli)
-    finally:
-        if cli.run_lock is not None:
-            cli.run_lock.release()
     return cli
 
 

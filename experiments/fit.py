@@ -54,6 +54,14 @@ class TapsCLI(LightningCLI):
     writes_run_folder = True
     run_lock: RunLock | None = None
 
+    def __enter__(self) -> "TapsCLI":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Release the run folder (the kernel would at process exit; in-process callers need it now)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str, default=None,
                             help="resume from this checkpoint, or 'last' for the newest last.ckpt of this run name")
@@ -153,13 +161,9 @@ class TapsCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> TapsCLI:
-    cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
-                  seed_everything_default=0, save_config_kwargs={"overwrite": False})
-    try:
+    with TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+                 seed_everything_default=0, save_config_kwargs={"overwrite": False}) as cli:
         _fit_and_test(cli)
-    finally:
-        if cli.run_lock is not None:
-            cli.run_lock.release()
     return cli
 
 

@@ -84,19 +84,13 @@ def _cli(args):
 
 
 def test_default_root_dir_is_honoured_and_save_dir_still_works(in_tmp):
-    cli = _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch")])
-    try:
+    with _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch")]) as cli:
         assert Path(cli.trainer.logger.log_dir) == in_tmp / "scratch" / "logs" / "taps" / "version_0"
         assert (in_tmp / "scratch" / "logs" / "taps" / "version_0").is_dir()
         assert not (in_tmp / "logs").exists()
-    finally:
-        cli.run_lock.release()
-    cli = _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch"),
-                       "--trainer.logger.init_args.save_dir", str(in_tmp / "elsewhere")])
-    try:
+    with _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch"),
+                      "--trainer.logger.init_args.save_dir", str(in_tmp / "elsewhere")]) as cli:
         assert Path(cli.trainer.logger.log_dir) == in_tmp / "elsewhere" / "taps" / "version_0"
-    finally:
-        cli.run_lock.release()
 
 
 def test_unwritable_checkpoint_folder_is_refused_before_training(in_tmp):
