@@ -88,6 +88,8 @@ def test_default_root_dir_is_honoured_and_save_dir_still_works(in_tmp):
         assert Path(cli.trainer.logger.log_dir) == in_tmp / "scratch" / "logs" / "taps" / "version_0"
         assert (in_tmp / "scratch" / "logs" / "taps" / "version_0").is_dir()
         assert not (in_tmp / "logs").exists()
+        # what config.yaml will say: no version, so `--config <run>/config.yaml` starts a new run
+        assert cli.trainer.logger.version == 0 and cli.config.trainer.logger.init_args.version is None
     with _cli(TINY + ["--trainer.default_root_dir", str(in_tmp / "scratch"),
                       "--trainer.logger.init_args.save_dir", str(in_tmp / "elsewhere")]) as cli:
         assert Path(cli.trainer.logger.log_dir) == in_tmp / "elsewhere" / "taps" / "version_0"
