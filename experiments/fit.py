@@ -30,7 +30,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .runs import RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version
+from .runs import RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
 #: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
 DEFAULT_SAVE_DIR = "logs"
@@ -53,6 +53,12 @@ class TapsCLI(LightningCLI):
     #: Whether this command writes a run folder (claimed, locked and checked for writing).
     writes_run_folder = True
     run_lock: RunLock | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        # TapsModule.configure_optimizers is the optimiser (score group, schedules, phases); LightningCLI's
+        # --optimizer/--lr_scheduler would replace or silently miss it, so they are not offered.
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
 
     def __enter__(self) -> "TapsCLI":
         return self
@@ -127,14 +133,19 @@ class TapsCLI(LightningCLI):
             path, version = find_last_checkpoint(init.save_dir, init.name)
             cfg.ckpt_path = str(path)
             init.version = version  # keep logging into the resumed run's folder
-        elif init.version is None:
+        if cfg.ckpt_path is not None and not resuming:
+            read_checkpoint(cfg.ckpt_path)  # a missing, truncated or code-carrying file: refused before any folder
+        if not resuming and init.version is None:
             if rank_zero_only.rank == 0:
                 init.version = claim_version(runs)
                 os.environ[RUN_VERSION_ENV] = str(init.version)  # inherited by DDP worker processes
             elif os.environ.get(RUN_VERSION_ENV):
                 init.version = int(os.environ[RUN_VERSION_ENV])
-        # A resumed run rewrites its own config.yaml; a new run never overwrites another's.
+        # A new run never overwrites another's config.yaml; a resume keeps the run's config.yaml as it
+        # was and records its own settings in config_resume.yaml (also when the resume is refused).
         self.save_config_kwargs["overwrite"] = resuming
+        if resuming:
+            self.save_config_kwargs["config_filename"] = "config_resume.yaml"
         if rank_zero_only.rank != 0 or init.version is None:
             return None
         run_dir = runs / (init.version if isinstance(init.version, str) else f"version_{init.version}")
@@ -142,8 +153,13 @@ class TapsCLI(LightningCLI):
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock = RunLock(run_dir).acquire()
+            if resuming:  # only now: a live run may be writing its last.ckpt
+                read_checkpoint(cfg.ckpt_path)
         except RunInUseError as err:
             raise SystemExit(str(err)) from None
+        except SystemExit:
+            lock.release()
+            raise
         ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"
         check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)")
         check_writable(ckpt_dir / "adapters", "the adapter folder")

@@ -31,6 +31,7 @@ from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import TapsModel, merge
 from taps_lightning.module import TapsModule
 
+from .runs import check_writable
 from .trained import TrainedCLI, expand_paths
 
 
@@ -71,6 +72,7 @@ class PredictCLI(TrainedCLI):
             raise SystemExit("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
             raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
+        check_writable(Path(cfg.output).absolute().parent, "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
         self.tasks = self.trained.select(cfg.tasks)
 

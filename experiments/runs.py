@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import re
 import socket
 import tempfile
 from pathlib import Path
 
-__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "RUN_VERSION_ENV"]
+import torch
+
+__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "RUN_VERSION_ENV"]
 
 #: Set by rank 0 for the DDP worker processes Lightning starts, so they log to the same folder.
 RUN_VERSION_ENV = "TAPS_RUN_VERSION"
@@ -107,3 +110,24 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load(path, weights_only=True)`` (whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says),
+    with errors that name ``--ckpt_path`` and the file instead of a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--ckpt_path: {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"--ckpt_path: {path}: holds Python objects besides tensors and plain values; it is not "
+                         "loaded (it could run code). Use a checkpoint written by experiments.fit") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint ({reason}); it may be truncated "
+                         "(an interrupted save): use another, e.g. best-*.ckpt") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SystemExit(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict); "
+                         "give a .ckpt written by experiments.fit")
+    return checkpoint

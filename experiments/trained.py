@@ -20,6 +20,7 @@ from taps_lightning import TaskFileError, load_task, task_metadata
 from taps_lightning.module import TAPS_MODES, TapsModule
 
 from .fit import TapsCLI
+from .runs import read_checkpoint
 
 __all__ = ["TrainedCLI", "TrainedTasks", "expand_paths"]
 
@@ -148,19 +149,6 @@ class TrainedTasks:
             except DataLayoutError:  # the data is not on this machine: predictions are still possible
                 names = None
         return names if names is not None and len(names) == self.num_classes[task] else None
-
-
-def read_checkpoint(path: Path) -> dict:
-    """``torch.load(path, weights_only=True)`` with errors that name the file."""
-    if not path.is_file():
-        raise SystemExit(f"--ckpt_path: {path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
-        raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SystemExit(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict)")
-    return checkpoint
 
 
 class TrainedCLI(TapsCLI):

@@ -266,6 +266,7 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
         raise TaskFileError(f"{path}: saved with threshold {meta['threshold']}, this model uses {model.threshold}; "
                             f"create the model with threshold={meta['threshold']}")
     num_classes = _meta(path, meta, "num_classes", _positive_int)
+    _class_names(path, meta)
     task = task or _meta(path, meta, "task")
     if not isinstance(task, str) or not TASK_NAME.match(task):
         raise TaskFileError(f"{path}: task name {task!r} is not valid (letters, digits, '_' or '-'); "
@@ -329,5 +330,18 @@ def task_metadata(path: str | os.PathLike) -> dict[str, Any]:
             metadata: dict[str, Any] = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
-    metadata["class_names"] = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+    metadata["class_names"] = _class_names(path, metadata)
     return metadata
+
+
+def _class_names(path: Path, metadata: dict[str, str]) -> list[str] | None:
+    """The ``class_names`` metadata as a list of strings (one per class), or ``None``."""
+    if "class_names" not in metadata:
+        return None
+    names = _meta(path, metadata, "class_names", json.loads)
+    count = metadata.get("num_classes")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or (
+            count is not None and str(len(names)) != count):
+        raise TaskFileError(f"{path}: metadata class_names is malformed (a JSON list of {count} names expected); "
+                            "re-export the task with save_task")
+    return names

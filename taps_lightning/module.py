@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -398,7 +398,8 @@ class TapsModule(L.LightningModule):
         total = (hp.cosine_epochs or epochs) if per_epoch else self.trainer.estimated_stepping_batches
         if not total or not math.isfinite(total):
             raise ValueError(
-                "the cosine schedule needs a finite run, but --trainer.max_epochs -1 / max_steps -1 make it endless: "
+                "the cosine schedule needs a finite run of at least one epoch, but --trainer.max_epochs "
+                f"{self.trainer.max_epochs} / max_steps {self.trainer.max_steps} give none or an endless one: "
                 "set --trainer.max_epochs N (or --model.cosine_epochs N), or use --model.scheduler none")
         total = max(1, int(total))
         boundary = 0
@@ -425,3 +426,7 @@ class TapsModule(L.LightningModule):
                     f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
                     "resume with the same --model settings (e.g. --config of the original run) or start a new run"
                 )
+        changed = {k: (saved[k], v) for k, v in self.hparams.items() if k in saved and saved[k] != v}
+        if changed:  # allowed (e.g. another lam from here on), but never silently
+            rank_zero_warn("resuming with changed --model settings: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))

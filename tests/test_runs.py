@@ -135,7 +135,7 @@ def test_checkpoint_never_executes_code_whatever_the_environment(in_tmp, monkeyp
     crafted = in_tmp / "crafted.ckpt"
     torch.save({"state_dict": {}, "payload": _RunsCode(str(marker))}, crafted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as on clusters that load old checkpoints
-    with pytest.raises(Exception, match="Weights only load failed"):
+    with pytest.raises(SystemExit, match="--ckpt_path: .*crafted.ckpt: holds Python objects besides tensors"):
         main(TINY + ["--ckpt_path", str(crafted)])
     assert not marker.exists()
 
@@ -159,3 +159,24 @@ def test_three_runs_started_at_once_keep_their_own_folders(in_tmp, data_home):
         assert (run / "checkpoints" / "last.ckpt").is_file()
         seen.append(str(hparams["lam"]))
     assert sorted(seen) == lams
+
+
+def test_refused_resume_keeps_the_runs_config_and_bad_checkpoints_are_named(in_tmp):
+    from experiments.fit import main
+
+    main(TINY)
+    run = in_tmp / "logs" / "taps" / "version_0"
+    config = (run / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="checkpoint was trained with threshold=0.1 but this run has threshold=0.12"):
+        main(TINY + ["--ckpt_path", "last", "--model.threshold", "0.12"])
+    assert (run / "config.yaml").read_text() == config  # the run's own record is untouched
+    assert "threshold: 0.12" in (run / "config_resume.yaml").read_text()  # the attempt is recorded beside it
+    truncated = in_tmp / "truncated.ckpt"
+    truncated.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=rf"--ckpt_path: {truncated}: not a readable checkpoint"):
+        main(TINY + ["--ckpt_path", str(truncated)])
+    with pytest.raises(SystemExit, match=r"--ckpt_path: .*missing.ckpt: no such file"):
+        main(TINY + ["--ckpt_path", str(in_tmp / "missing.ckpt")])
+    assert sorted(p.name for p in (in_tmp / "logs" / "taps").iterdir()) == ["version_0"]  # no folder for them
+    with pytest.raises(SystemExit):  # LightningCLI's own optimiser flags would bypass TapsModule's
+        main(TINY + ["--optimizer", "Adam"])

@@ -115,6 +115,8 @@ def test_an_active_layer_without_its_delta_is_refused(tmp_path):
     ("num_classes", "six", r"metadata num_classes='six' is malformed"),
     ("num_classes", "0", r"metadata num_classes='0' is malformed"),
     ("threshold", "tau", r"metadata threshold='tau' is malformed"),
+    ("class_names", "[not json", r"metadata class_names='\[not json' is malformed"),
+    ("class_names", '["one", "two"]', r"metadata class_names is malformed \(a JSON list of 6 names expected\)"),
 ])
 def test_missing_or_malformed_metadata_names_file_and_key(tmp_path, key, value, message):
     _, path, tensors, meta = _saved(tmp_path)
