@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .baselines import MultiHeadModel
 from .checks import check_training_settings, normalize_sha256
+from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .model import TapsModel
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
@@ -101,8 +102,8 @@ class TapsModule(L.LightningModule):
         tasks: dict[str, int] | None = None,
         mode: str = "incremental",
         lam: float = 0.5,
-        threshold: float = 0.1,
-        score_init: float = 0.15,
+        threshold: float = THRESHOLD,
+        score_init: float = SCORE_INIT,
         sparsity_warmup_epochs: int = 3,
         joint_epochs: int = 1,
         lr: float = 0.01,
