@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from taps_lightning import ProgressiveAdapterModel, TapsModel, save_task
+from taps_lightning import save_task
 
 __all__ = ["TaskExport", "adapter_dir"]
 
@@ -28,7 +28,7 @@ class TaskExport(L.Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> None:
         model = getattr(pl_module, "model", None)
-        if not isinstance(model, (TapsModel, ProgressiveAdapterModel)):
+        if model is None or not model.can_export:
             return
         folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
         if trainer.is_global_zero:

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from taps_lightning import ProgressiveAdapterModel, TapsModel, save_task
+from taps_lightning import save_task
 
 __all__ = ["ResultsReport", "collect_rows", "format_markdown"]
 
@@ -20,7 +20,7 @@ COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "
 def _stored_mb(module: L.LightningModule, task: str) -> float:
     """Size of what the task needs on disk besides the shared base."""
     model = module.model
-    if isinstance(model, (TapsModel, ProgressiveAdapterModel)):
+    if model.can_export:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_task(model, task, Path(tmp) / "t.safetensors")
             return os.path.getsize(path) / 2**20
@@ -73,10 +73,11 @@ def format_markdown(rows: list[dict], title: str) -> str:
 def grouping_markdown(pl_module) -> str:
     """Progressive adapters: which tasks share an adapter in each stage, and the similarities."""
     model = getattr(pl_module, "model", None)
-    if not isinstance(model, ProgressiveAdapterModel) or not model.grouped:
+    sharing = model.sharing() if model is not None else {}
+    if not sharing:
         return ""
     lines = ["", "### Adapter sharing (progressive adapters)", "", "| stage | adapters | groups |", "|---|---:|---|"]
-    for stage, groups in sorted(model.groups.items()):
+    for stage, groups in sorted(sharing.items()):
         lines.append(f"| {stage} | {len(groups)} | " + " / ".join("{" + ", ".join(g) + "}" for g in groups) + " |")
     for stage, sim in sorted(getattr(pl_module, "similarity", {}).items()):
         tasks = model.tasks

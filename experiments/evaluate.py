@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks import LayerSelectionLogger, TaskExport, TaskParamLogger, TaskSimilarityLogger
 from callbacks.selection import log_images, save_images, selection_images
 from datamodules import MultiTaskDataModule
-from taps_lightning import TapsModel
 from taps_lightning.module import TapsModule
 
 from .trained import TrainedCLI
@@ -72,7 +71,7 @@ def _evaluate(cli: EvaluateCLI) -> None:
     run = trainer.validate if split == "val" else trainer.test
     run(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True, verbose=False)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-    if trainer.is_global_zero and isinstance(model.model, TapsModel):
+    if trainer.is_global_zero and model.model.layer_selection() is not None:
         images = selection_images(model.model, f" ({split} set, evaluated)")
         log_images(trainer, images, step=0)
         save_images(images, log_dir)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from datamodules import CorruptImageError, MultiTaskDataModule
 from datamodules.images import IMAGE_EXTENSIONS, load_rgb
-from taps_lightning import TapsModel, merge
+from taps_lightning import merge
 from taps_lightning.module import TapsModule
 
 from .runs import check_writable
@@ -136,7 +136,7 @@ def main(args: list[str] | None = None) -> Path:
                      seed_everything_default=0, save_config_callback=None)
     cfg, model, data = cli.config, cli.model.model, cli.datamodule
     fabric = _fabric(cfg.trainer)
-    gated = cfg.gated or not isinstance(model, TapsModel)
+    gated = cfg.gated or not model.can_export  # task-file models also merge
     if not cfg.gated and gated:
         rank_zero_info(f"TAPS | mode {cli.model.hparams.mode}: no merge() for this model, predicting with it as trained")
     if gated:

@@ -3,20 +3,24 @@
 The core is plain PyTorch: use it in any training loop. ``taps_lightning.module`` holds
 the LightningModule and is imported only on demand.
 """
+from .baselines import MultiHeadModel
+from .config import TapsConfig
 from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task, task_metadata
 from .factory import create_backbone, create_taps_model, load_weights
 from .gate import gate_open, gated_weight, hard_gate
 from .inject import inject_taps, strip_classifier
 from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
 from .model import TapsModel
+from .multitask import MultiTaskModel
 from .norms import TaskNorm
 from .progressive import ProgressiveAdapterModel
 from .stats import count_params, gate_states, layer_scores, sparsity_loss, total_params_multiple
+from .tuners import TaskLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TapsModel", "ProgressiveAdapterModel", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
+    "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gate_open", "gated_weight", "hard_gate",
     "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",

@@ -11,12 +11,14 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
+from .config import GATED_TYPES
 from .inject import strip_classifier
+from .multitask import MultiTaskModel, default_backbone_name
 
 __all__ = ["MultiHeadModel"]
 
 
-class MultiHeadModel(nn.Module):
+class MultiHeadModel(MultiTaskModel):
     """A backbone (shared or copied per task) with one linear head per task.
 
     Args:
@@ -29,16 +31,21 @@ class MultiHeadModel(nn.Module):
     def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], copy_per_task: bool,
                  train_backbone: bool, backbone_name: str | None = None) -> None:
         super().__init__()
-        self.head_path, self.num_features = strip_classifier(backbone)[:2]
-        self.backbone_name = backbone_name or type(backbone).__name__
+        self.classifier = strip_classifier(backbone)
+        self.num_features = self.classifier.num_features
+        self.backbone_name = backbone_name or default_backbone_name(backbone)
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
+        #: Gated layers TAPS would have on this backbone (what ``task_cost`` reports as layers).
+        self.layer_count = sum(isinstance(m, GATED_TYPES) for m in backbone.modules())
         self.copy_per_task = copy_per_task
         self.train_backbone = train_backbone
         if copy_per_task:
             self.backbones = nn.ModuleDict({t: copy.deepcopy(backbone) for t in tasks})
         else:
             self.backbone = backbone
-        self.heads = nn.ModuleDict({t: nn.Linear(self.num_features, int(n)) for t, n in tasks.items()})
+        for task, num_classes in tasks.items():
+            self._check_new_task(task, num_classes)
+            self.heads[task] = nn.Linear(self.num_features, int(num_classes))
         for net in self._backbones():
             net.requires_grad_(train_backbone)
         self.active_task = next(iter(tasks)) if tasks else None
@@ -47,15 +54,6 @@ class MultiHeadModel(nn.Module):
     def _backbones(self) -> list[nn.Module]:
         return list(self.backbones.values()) if self.copy_per_task else [self.backbone]
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.heads.keys())
-
-    def set_task(self, task: str) -> None:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {self.tasks}")
-        self.active_task = task
-
     def train(self, mode: bool = True) -> "MultiHeadModel":
         super().train(mode)
         if not self.train_backbone:  # a fixed feature extractor keeps its BatchNorm statistics
@@ -63,12 +61,22 @@ class MultiHeadModel(nn.Module):
                 net.eval()
         return self
 
-    def forward(self, x: Tensor, task: str | None = None) -> Tensor:
-        task = task or self.active_task
-        net = self.backbones[task] if self.copy_per_task else self.backbone
-        return self.heads[task](net(x))
+    def forward_features(self, x: Tensor) -> Tensor:
+        return (self.backbones[self.active_task] if self.copy_per_task else self.backbone)(x)
 
-    def task_param_count(self, task: str) -> int:
-        """What ``task`` stores beyond the shared base: its backbone copy (fine-tuning) and its head."""
+    def shared_parameters(self):
+        return iter(()) if self.copy_per_task else self.backbone.parameters()
+
+    def task_parameters(self, task: str | None = None):
+        for t in [task] if task is not None else self.tasks:
+            if self.copy_per_task:
+                yield from self.backbones[t].parameters()
+            yield from self.heads[t].parameters()
+
+    def task_cost(self, task: str) -> dict[str, float]:
+        """Fine-tuning: a whole backbone copy and a head per task; otherwise the head alone."""
         head = sum(p.numel() for p in self.heads[task].parameters())
-        return head + (self.base_param_count if self.copy_per_task else 0)
+        delta = self.base_param_count if self.copy_per_task else 0
+        return {"active_layers": self.layer_count if self.copy_per_task else 0, "gated_layers": self.layer_count,
+                "delta_params": delta, "norm_params": 0, "head_params": head, "task_params": delta + head,
+                "base_params": self.base_param_count, "fraction": (delta + head) / self.base_param_count}

@@ -7,7 +7,6 @@ head, plus metadata that ties it to the base it was trained on.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,46 +19,15 @@ from torch import nn
 
 from .gate import gate_open
 from .inject import restore_classifier
-
+from .model import TASK_FORMAT as FORMAT
 from .model import TASK_NAME, TapsModel
-from .progressive import ProgressiveAdapterModel
-
-from .stats import gate_states
+from .multitask import MultiTaskModel
+from .signature import base_fingerprint, layout_signature
 
 __all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
 
-FORMAT = "taps-task/1"
-
-
 class TaskFileError(ValueError):
     """A task file that cannot be loaded into this model; the message says why and what to do."""
-
-
-def layout_signature(model: TapsModel) -> str:
-    """Hash of the gated layers' and norms' names and shapes: equal iff the backbones match."""
-    h = hashlib.sha256()
-    for name, layer in sorted(model.taps_layers()):
-        h.update(f"{name}:{tuple(layer.base_layer.weight.shape)};".encode())
-    for name, norm in model.task_norms():
-        shapes = [tuple(t.shape) for t in norm.base_norm.state_dict().values()]
-        h.update(f"{name}:{shapes};".encode())
-    return h.hexdigest()[:16]
-
-
-def base_fingerprint(model: TapsModel) -> str:
-    """Hash of the shared weights' values: a task file only makes sense on the base it was trained with."""
-    h = hashlib.sha256()
-    for p in model.shared_parameters():
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _norm_and_head_tensors(model, task: str) -> dict[str, torch.Tensor]:
-    """``norm.<layer>.<key>`` and ``head.<key>``: what every kind of task file stores."""
-    tensors = {f"norm.{name}.{k}": v.detach() for name, norm in model.task_norms()
-               for k, v in norm.norms[task].state_dict().items()}
-    tensors.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
-    return tensors
 
 
 def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -> dict[str, str]:
@@ -70,23 +38,6 @@ def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -
     if len(names) != num_classes:
         raise ValueError(f"task {task!r}: {len(names)} class names for {num_classes} classes")
     return {"class_names": json.dumps(names)}
-
-
-def _save_progressive_task(model: ProgressiveAdapterModel, task: str, path: Path,
-                           class_names: Sequence[str] | None = None) -> Path:
-    tensors, layers = _norm_and_head_tensors(model, task), dict(model.lora_layers())
-    for name, key in model.path_adapters(task):
-        tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
-        tensors[f"lora_B.{name}"] = layers[name].lora_B[key].detach()
-    metadata = {
-        "format": "progressive-task/1", "task": task, "backbone": model.backbone_name,
-        "num_classes": str(model.heads[task].out_features), "schedule": json.dumps(model.schedule),
-        "groups": json.dumps({str(s): g for s, g in model.groups.items()}),
-        "path": json.dumps(model.path_adapters(task)), "base_fingerprint": base_fingerprint(model),
-        **_class_names_metadata(model, task, class_names),
-    }
-    _write(tensors, path, metadata, task)
-    return path
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], task: str) -> None:
@@ -102,38 +53,17 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
         tmp.unlink(missing_ok=True)
 
 
-def save_task(model: TapsModel, task: str, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
-    """Write ``task``'s active deltas, scores, norms and head to ``path`` (.safetensors).
-
-    For a :class:`ProgressiveAdapterModel`, the file holds the task's path through the shared
-    and task-specific adapters (format ``progressive-task/1``), its norms and head.
+def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
+              class_names: Sequence[str] | None = None) -> Path:
+    """Write what ``task`` adds to the shared base to ``path`` (.safetensors): for a
+    :class:`TapsModel` its active deltas, scores, norms and head; for progressive adapters the
+    task's path through the shared and task-specific adapters, its norms and head.
     ``class_names`` (one per output of the head, optional) go into the metadata, so that
     predictions can be named without the dataset (:func:`task_metadata` reads them back).
     """
-    if isinstance(model, ProgressiveAdapterModel):
-        if task not in model.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {model.tasks}")
-        return _save_progressive_task(model, task, Path(path), class_names)
     model._check_task(task)
-    gates = gate_states(model, task)
-    tensors = _norm_and_head_tensors(model, task)
-    for name, layer in model.taps_layers():
-        tensors[f"score.{name}"] = layer.taps_score[task].detach().reshape(1)
-        if gates[name]:
-            tensors[f"delta.{name}"] = layer.taps_delta[task].detach()
-    metadata = {
-        "format": FORMAT,
-        "task": task,
-        "backbone": model.backbone_name,
-        "threshold": repr(model.threshold),
-        "num_classes": str(model.heads[task].out_features),
-        "gated_layers": str(len(gates)),
-        "active_layers": str(sum(gates.values())),
-        "layout_signature": layout_signature(model),
-        "base_fingerprint": base_fingerprint(model),
-        "layer_order": json.dumps(model.layer_order()),
-        **_class_names_metadata(model, task, class_names),
-    }
+    tensors, metadata = model.task_file(task)
+    metadata.update(_class_names_metadata(model, task, class_names))
     path = Path(path)
     _write(tensors, path, metadata, task)
     return path
@@ -291,30 +221,27 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     return task
 
 
-def merge(model: TapsModel, task: str) -> nn.Module:
-    """A plain copy of the backbone for ``task``: ``w_base + I*delta`` folded into each layer,
-    the task's norms in place of the wrappers and its head as the classifier. No TAPS code
-    remains in its forward; ``model`` is not modified."""
+def merge(model: MultiTaskModel, task: str) -> nn.Module:
+    """A plain copy of the backbone for ``task``: each per-task layer replaced by its
+    :meth:`~taps_lightning.tuners.TaskLayer.merged_layer` (``w_base + I*delta`` folded in, the
+    task's norm) and its head as the classifier. No TAPS code remains in its forward;
+    ``model`` is not modified."""
     model._check_task(task)
-    gates = gate_states(model, task)
-    folded = {f"delta.{name}": layer.taps_delta[task].detach() for name, layer in model.taps_layers() if gates[name]}
-    folded.update(_norm_and_head_tensors(model, task))
+    layers = list(model.task_layers())
+    folded = {_key(kind, name): t for name, layer in layers for kind, t in layer.task_tensors(task).items()}
+    folded.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
     check_finite(folded, f"merge({task!r})", _DIVERGED, error=ValueError)
-    memo: dict[int, object] = {}
-    for name, layer in model.taps_layers():
-        plain = copy.deepcopy(layer.base_layer)
-        with torch.no_grad():
-            if gates[name]:
-                plain.weight.add_(layer.taps_delta[task].detach().to(plain.weight.dtype))
-        memo[id(layer)] = plain
-    for _, norm in model.task_norms():
-        memo[id(norm)] = copy.deepcopy(norm.norms[task])
+    memo: dict[int, object] = {id(layer): layer.merged_layer(task) for _, layer in layers}
     merged = copy.deepcopy(model.backbone, memo)
     merged = restore_classifier(merged, model.classifier, copy.deepcopy(model.heads[task]))
     merged.requires_grad_(True)
     return merged.train(model.training)
 
 
+def _key(kind: str, layer: str) -> str:
+    """``delta`` + ``conv1`` -> ``delta.conv1``; ``norm.weight`` + ``bn1`` -> ``norm.bn1.weight``."""
+    first, _, rest = kind.partition(".")
+    return f"{first}.{layer}" + (f".{rest}" if rest else "")
 
 
 def task_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import timm
 import torch
 from torch import nn
 
+from .config import SCORE_INIT, THRESHOLD
 from .model import TapsModel
 
 __all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std"]
@@ -105,8 +106,8 @@ def create_taps_model(
     tasks: Mapping[str, int] | None = None,
     pretrained: bool = False,
     weights: str | os.PathLike | None = None,
-    threshold: float = 0.1,
-    score_init: float = 0.15,
+    threshold: float = THRESHOLD,
+    score_init: float = SCORE_INIT,
     freeze_base: bool = True,
     **timm_kwargs: Any,
 ) -> TapsModel:

@@ -12,8 +12,10 @@ from typing import Callable, Iterable, NamedTuple
 import torch
 from torch import nn
 
-from .layers import GATED_TYPES, TapsLayer, create_taps_layer
+from .config import GATED_TYPES, TapsConfig
+from .layers import create_taps_layer
 from .norms import NORM_TYPES, TaskNorm
+from .tuners import TaskLayer
 
 __all__ = ["inject_taps", "strip_classifier", "restore_classifier", "Classifier", "set_submodule"]
 
@@ -148,8 +150,7 @@ def restore_classifier(model: nn.Module, classifier: Classifier, head: nn.Linear
 
 def inject_taps(
     backbone: nn.Module,
-    threshold: float = 0.1,
-    score_init: float = 0.15,
+    config: TapsConfig | None = None,
     exclude: Iterable[str] = (),
     wrap_layer: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[list[str], list[str]]:
@@ -157,8 +158,7 @@ def inject_taps(
 
     Args:
         backbone: the model, classifier already removed.
-        threshold: ``tau`` of the default TAPS layer.
-        score_init: initial score of new tasks in the default TAPS layer.
+        config: the settings of the default TAPS layer (threshold, initial score, ...).
         exclude: module names (or name prefixes) left untouched.
         wrap_layer: the wrapper to put around each Conv/Linear (default: the TAPS layer);
             other weight adapters (e.g. progressive LoRA adapters) reuse this injection.
@@ -166,7 +166,7 @@ def inject_taps(
     Returns:
         ``(gated_names, norm_names)`` in registration order.
     """
-    wrap_layer = wrap_layer or (lambda m: create_taps_layer(m, threshold, score_init))
+    wrap_layer = wrap_layer or (lambda m: create_taps_layer(m, config))
     excluded = tuple(exclude)
 
     def skip(name: str) -> bool:
@@ -178,7 +178,7 @@ def inject_taps(
         parts = name.split(".")
         if not name or skip(name) or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
             continue
-        if isinstance(module, (TapsLayer, TaskNorm)) or getattr(module, "is_weight_adapter", False):
+        if isinstance(module, TaskLayer):
             raise ValueError(f"{name} is already wrapped by TAPS; wrap an unmodified backbone")
         if isinstance(module, GATED_TYPES):
             gated.append(name)

@@ -11,18 +11,19 @@ blocks that read ``module.weight`` directly still see TAPS.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import CONV_TYPES, GATED_TYPES, TapsConfig
 from .fused import fusable, gated_layer_forward
 from .gate import gate_open, gated_weight
+from .tuners import TaskLayer
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def call_with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
@@ -30,7 +31,7 @@ def call_with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
     layer's own conv/linear for the plain types, its own ``forward`` (``functional_call``)
     for subclasses that override it. Every weight-composing adapter here runs through this."""
     kind = type(layer)
-    if kind in _CONV_TYPES:
+    if kind in CONV_TYPES:
         return layer._conv_forward(x, weight, layer.bias)
     if kind is nn.Linear:
         return F.linear(x, weight, layer.bias)
@@ -48,28 +49,24 @@ def base_layer_getattr(self: nn.Module, name: str):
         return getattr(self._modules["base_layer"], name)
 
 
-class TapsLayer(nn.Module):
+class TapsLayer(TaskLayer, nn.Module):
     """Shared ``base_layer`` plus, per task, a weight delta and a scalar score.
 
     ``w = base.weight + I(score >= threshold) * delta[task]`` for the active task; with no
-    active task the layer is exactly the wrapped base layer.
+    active task the layer is exactly the wrapped base layer. Plain Conv/Linear run the fused
+    autograd function; subclasses with their own ``forward`` (timm ``StdConv2d``,
+    ``Conv2dSame``) run it with the gated weight swapped in.
 
     Args:
         base_layer: the layer to adapt (its ``weight`` is the shared base weight).
-        threshold: ``tau`` of the paper.
-        score_init: initial score of a new task (``>= threshold`` starts the layer active).
-        recompute_weight: in training, rebuild the gated weight in backward instead of keeping
-            it saved from forward (plain Conv/Linear only; see :mod:`taps_lightning.fused`):
-            one weight copy less per active layer for one add more.
+        config: the model's :class:`~taps_lightning.config.TapsConfig` (threshold, initial
+            score, ``recompute_weight``), shared by every layer of the model.
     """
 
-    def __init__(self, base_layer: nn.Module, threshold: float = 0.1, score_init: float = 0.15,
-                 recompute_weight: bool = True) -> None:
+    def __init__(self, base_layer: nn.Module, config: TapsConfig | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.threshold = float(threshold)
-        self.score_init = float(score_init)
-        self.recompute_weight = recompute_weight
+        self.config = config or TapsConfig()
         self._fusable = fusable(base_layer)
         self.taps_delta = nn.ParameterDict()
         self.taps_score = nn.ParameterDict()
@@ -78,7 +75,15 @@ class TapsLayer(nn.Module):
         self.gate_hint: tuple[str, bool] | None = None  # (task, active), set by TapsModel per forward
         self._merged_cache: dict[str, tuple[tuple, Tensor]] = {}
 
-    # -- task bookkeeping ------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return self.config.threshold
+
+    @property
+    def recompute_weight(self) -> bool:
+        return self.config.recompute_weight
+
+    # -- task bookkeeping (TaskLayer verbs) ------------------------------------------------
     @property
     def tasks(self) -> list[str]:
         return list(self.taps_score.keys())
@@ -88,23 +93,36 @@ class TapsLayer(nn.Module):
         weight's memory format (e.g. channels_last), so ``dL/dw`` lands in it without a copy."""
         weight = self.base_layer.weight
         self.taps_delta[task] = nn.Parameter(torch.zeros_like(weight))
-        self.taps_score[task] = nn.Parameter(torch.tensor(self.score_init, device=weight.device, dtype=torch.float32))
+        self.taps_score[task] = nn.Parameter(torch.tensor(self.config.score_init, device=weight.device,
+                                                          dtype=torch.float32))
 
-    def remove_task(self, task: str) -> None:
+    def _drop_task(self, task: str) -> None:
         del self.taps_delta[task]
         del self.taps_score[task]
         self._merged_cache.pop(task, None)
-        if self.active_task == task:
-            self.active_task = None
+
+    def task_parameters(self, task: str):
+        yield self.taps_delta[task]
+        yield self.taps_score[task]
 
     def is_active(self, task: str) -> bool:
         """Whether ``task`` uses its own weights here (``score >= threshold``); syncs with the device."""
         return bool(gate_open(self.taps_score[task], self.threshold))
 
-    def get_delta_weight(self, task: str) -> Tensor:
+    def delta_weight(self, task: str) -> Tensor:
         """``I(s >= tau) * delta`` for ``task``, detached (what merging adds to the base)."""
         delta = self.taps_delta[task].detach()
         return delta if self.is_active(task) else torch.zeros_like(delta)
+
+    def task_tensors(self, task: str) -> dict[str, Tensor]:
+        return {"delta": self.taps_delta[task].detach()} if self.is_active(task) else {}
+
+    def merged_layer(self, task: str) -> nn.Module:
+        plain = copy.deepcopy(self.base_layer)
+        if self.is_active(task):
+            with torch.no_grad():
+                plain.weight.add_(self.taps_delta[task].detach().to(plain.weight.dtype))
+        return plain
 
     # -- the gated weight --------------------------------------------------------------
     @property
@@ -161,28 +179,8 @@ class TapsLayer(nn.Module):
                 f"recompute_weight={self.recompute_weight}")
 
 
-class TapsConv(TapsLayer):
-    """``nn.Conv1d/2d/3d``: the layer's own ``_conv_forward`` with the gated weight."""
-
-
-class TapsLinear(TapsLayer):
-    """``nn.Linear``: ``F.linear`` with the gated weight."""
-
-
-class TapsGeneric(TapsLayer):
-    """Subclasses with their own ``forward`` (e.g. timm ``StdConv2d``, ``Conv2dSame``):
-    that forward runs with ``weight`` swapped for the gated one."""
-
-
-_FAST_PATHS: dict[type, type[TapsLayer]] = {
-    nn.Conv1d: TapsConv,
-    nn.Conv2d: TapsConv,
-    nn.Conv3d: TapsConv,
-    nn.Linear: TapsLinear,
-}
-
-#: Module types that TAPS gates; subclasses are gated through :class:`TapsGeneric`.
-GATED_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: Former names of :class:`TapsLayer` (one class serves every layer type since the fused path).
+TapsConv = TapsLinear = TapsGeneric = TapsLayer
 
 
 def check_gatable(module: nn.Module) -> None:
@@ -190,9 +188,7 @@ def check_gatable(module: nn.Module) -> None:
         raise TypeError(f"cannot adapt {type(module).__name__}: adapters wrap {', '.join(t.__name__ for t in GATED_TYPES)}")
 
 
-def create_taps_layer(module: nn.Module, threshold: float, score_init: float,
-                      recompute_weight: bool = True) -> TapsLayer:
-    """Wrap ``module`` in the TAPS wrapper for its type."""
+def create_taps_layer(module: nn.Module, config: TapsConfig | None = None) -> TapsLayer:
+    """Wrap ``module`` (a Conv1d/2d/3d or Linear, subclasses included) in a :class:`TapsLayer`."""
     check_gatable(module)
-    cls: type[TapsLayer] = _FAST_PATHS.get(type(module), TapsGeneric)
-    return cls(module, threshold=threshold, score_init=score_init, recompute_weight=recompute_weight)
+    return TapsLayer(module, config)

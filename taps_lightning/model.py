@@ -1,28 +1,27 @@
 """``TapsModel``: a backbone with TAPS layers, task-specific norms and one head per task."""
 from __future__ import annotations
 
-import re
+import json
+from collections import OrderedDict
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .config import SCORE_INIT, THRESHOLD, TapsConfig
 from .gate import gate_open
 from .inject import inject_taps, strip_classifier
 from .layers import TapsLayer, create_taps_layer
+from .multitask import TASK_NAME, MultiTaskModel, default_backbone_name
 from .norms import TaskNorm
+from .signature import base_fingerprint, layout_signature
 
-__all__ = ["TapsModel"]
+__all__ = ["TapsModel", "TASK_NAME"]
 
-TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-def _backbone_name(backbone: nn.Module) -> str:
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    return str(cfg.get("architecture") or type(backbone).__name__)
+TASK_FORMAT = "taps-task/1"
 
 
-class TapsModel(nn.Module):
+class TapsModel(MultiTaskModel):
     """A backbone adapted to many tasks with Task Adaptive Parameter Sharing.
 
     Every Conv/Linear of ``backbone`` becomes ``w_base + I(s_task >= threshold) * delta_task``,
@@ -44,24 +43,28 @@ class TapsModel(nn.Module):
         backbone_name: name stored in exported adapters (default: timm architecture or class name).
         recompute_weight: rebuild each gated weight in backward instead of saving it (less
             training memory, one add more per active layer); ``False`` keeps it saved.
+        config: a :class:`~taps_lightning.config.TapsConfig` instead of ``threshold``,
+            ``score_init`` and ``recompute_weight`` (one object every layer reads).
     """
+
+    can_export = True
 
     def __init__(
         self,
         backbone: nn.Module,
         tasks: Mapping[str, int] | None = None,
-        threshold: float = 0.1,
-        score_init: float = 0.15,
+        threshold: float = THRESHOLD,
+        score_init: float = SCORE_INIT,
         freeze_base: bool = True,
         exclude: Sequence[str] = (),
         num_features: int | None = None,
         backbone_name: str | None = None,
         recompute_weight: bool = True,
+        config: TapsConfig | None = None,
     ) -> None:
         super().__init__()
-        self.threshold = float(threshold)
-        self.score_init = float(score_init)
-        self.backbone_name = backbone_name or _backbone_name(backbone)
+        self.config = config or TapsConfig(threshold, score_init, recompute_weight)
+        self.backbone_name = backbone_name or default_backbone_name(backbone)
         self.classifier = strip_classifier(backbone, num_features)
         self.head_path = self.classifier.path
         if num_features is not None and int(num_features) != self.classifier.num_features:
@@ -70,11 +73,8 @@ class TapsModel(nn.Module):
         self.num_features = self.classifier.num_features
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.gated_names, self.norm_names = inject_taps(
-            backbone, exclude=exclude,
-            wrap_layer=lambda m: create_taps_layer(m, self.threshold, self.score_init, recompute_weight))
+            backbone, exclude=exclude, wrap_layer=lambda m: create_taps_layer(m, self.config))
         self.backbone = backbone
-        self.heads = nn.ModuleDict()
-        self.active_task: str | None = None
         self._forward_order: list[str] | None = None
         self.freeze_base = freeze_base
         self.set_base_trainable(not freeze_base)
@@ -85,12 +85,12 @@ class TapsModel(nn.Module):
 
     # -- structure -------------------------------------------------------------------------
     @property
-    def tasks(self) -> list[str]:
-        return list(self.heads.keys())
+    def threshold(self) -> float:
+        return self.config.threshold
 
     @property
-    def num_classes(self) -> dict[str, int]:
-        return {task: head.out_features for task, head in self.heads.items()}
+    def score_init(self) -> float:
+        return self.config.score_init
 
     def taps_layers(self) -> Iterator[tuple[str, TapsLayer]]:
         """``(name, layer)`` for every gated layer, in forward order once a forward has run."""
@@ -117,14 +117,10 @@ class TapsModel(nn.Module):
 
     def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
         """Task-specific parameters (deltas, scores, norms, head) of ``task`` or of all tasks."""
-        tasks = [task] if task is not None else self.tasks
-        for t in tasks:
+        for t in [task] if task is not None else self.tasks:
             self._check_task(t)
-            for _, layer in self.taps_layers():
-                yield layer.taps_delta[t]
-                yield layer.taps_score[t]
-            for _, norm in self.task_norms():
-                yield from norm.norms[t].parameters()
+            for _, layer in self.task_layers():
+                yield from layer.task_parameters(t)
             yield from self.heads[t].parameters()
 
     def set_base_trainable(self, trainable: bool) -> None:
@@ -134,46 +130,20 @@ class TapsModel(nn.Module):
             p.requires_grad_(trainable)
 
     # -- tasks -----------------------------------------------------------------------------
-    def _check_task(self, task: str) -> None:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {self.tasks}. Add it with add_task().")
-
     def add_task(self, task: str, num_classes: int) -> None:
         """Add ``task``: zero deltas, fresh scores, copies of the pre-trained norms, a new head."""
-        if not isinstance(task, str) or not TASK_NAME.match(task):
-            raise ValueError(f"task name {task!r} must be non-empty and use only letters, digits, '_' or '-'")
-        if task in self.heads:
-            raise ValueError(f"task {task!r} exists already; remove_task({task!r}) first to replace it")
-        if int(num_classes) < 1:
-            raise ValueError(f"task {task!r}: num_classes must be >= 1, got {num_classes}")
-        for _, layer in self.taps_layers():
+        self._check_new_task(task, num_classes)
+        for _, layer in self.task_layers():
             layer.add_task(task)
-        for _, norm in self.task_norms():
-            norm.add_task(task)
-        ref = next(self.backbone.parameters())
-        head = nn.Linear(self.num_features, int(num_classes), device=ref.device, dtype=ref.dtype)
-        head.train(self.training)
-        self.heads[task] = head
+        self.heads[task] = self._new_head(num_classes)
 
     def remove_task(self, task: str) -> None:
         self._check_task(task)
-        for _, layer in self.taps_layers():
+        for _, layer in self.task_layers():
             layer.remove_task(task)
-        for _, norm in self.task_norms():
-            norm.remove_task(task)
         del self.heads[task]
         if self.active_task == task:
             self.set_task(None)
-
-    def set_task(self, task: str | None) -> None:
-        """Make ``task`` the one ``forward`` runs (``None``: the plain shared backbone)."""
-        if task is not None:
-            self._check_task(task)
-        self.active_task = task
-        for _, layer in self.taps_layers():
-            layer.active_task = task
-        for _, norm in self.task_norms():
-            norm.active_task = task
 
     def set_taps_enabled(self, enabled: bool) -> None:
         """``False`` runs every task on the shared weights (norms and heads stay task-specific):
@@ -205,14 +175,6 @@ class TapsModel(nn.Module):
             layer.gate_hint = (task, active)
         return layers
 
-    def forward(self, x: Tensor, task: str | None = None) -> Tensor:
-        """Logits of ``task`` (default: the active task)."""
-        if task is not None and task != self.active_task:
-            self.set_task(task)
-        if self.active_task is None:
-            raise RuntimeError(f"no active task: call set_task(name) with one of {self.tasks} first")
-        return self.heads[self.active_task](self.forward_features(x))
-
     def _forward_recording_order(self, x: Tensor) -> Tensor:
         order: list[str] = []
         hooks = [
@@ -228,3 +190,56 @@ class TapsModel(nn.Module):
         forward_order = [n for n in order if not (n in seen or seen.add(n))]
         self._forward_order = forward_order + [n for n in self.gated_names if n not in seen]
         return out
+
+    # -- what a task costs ------------------------------------------------------------------
+    def gate_states(self, task: str) -> "OrderedDict[str, bool]":
+        """``{layer_name: is task-specific}`` in forward order (one device sync)."""
+        self._check_task(task)
+        names, layers = zip(*self.taps_layers())
+        scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
+        return OrderedDict(zip(names, gate_open(scores, self.threshold).tolist()))
+
+    def regularizer(self, task: str, divisor: float | None = None) -> Tensor:
+        """``sum_i |s_i| / L`` (``L`` = gated layers, or ``divisor``): the paper's sparsity
+        penalty before ``lambda`` (Eq. 3). Differentiable in the scores."""
+        self._check_task(task)
+        scores = [layer.taps_score[task] for _, layer in self.taps_layers()]
+        return torch.stack(scores).abs().sum() / (divisor or len(scores))
+
+    def task_cost(self, task: str) -> dict[str, float]:
+        """Parameter cost of ``task`` (see :meth:`MultiTaskModel.task_cost`): the weights of its
+        active layers, its norms and its head. Scores (one scalar per layer) and norm running
+        statistics are buffers of negligible size and are not counted, as in the paper."""
+        gates = self.gate_states(task)
+        layers = dict(self.taps_layers())
+        delta_params = sum(layers[name].base_layer.weight.numel() for name, on in gates.items() if on)
+        norm_params = sum(p.numel() for _, norm in self.task_norms() for p in norm.norms[task].parameters())
+        head_params = sum(p.numel() for p in self.heads[task].parameters())
+        task_params = delta_params + norm_params + head_params
+        return {"active_layers": sum(gates.values()), "gated_layers": len(gates), "delta_params": delta_params,
+                "norm_params": norm_params, "head_params": head_params, "task_params": task_params,
+                "base_params": self.base_param_count, "fraction": task_params / self.base_param_count}
+
+    def layer_selection(self) -> tuple[list[str], Tensor, float]:
+        layers = [layer for _, layer in self.taps_layers()]
+        scores = torch.stack([torch.stack([layer.taps_score[t].detach().float() for layer in layers])
+                              for t in self.tasks]) if self.tasks else torch.zeros(0, len(layers))
+        return self.layer_order(), scores.cpu(), self.threshold
+
+    # -- export ----------------------------------------------------------------------------
+    def task_file(self, task: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The task's active deltas, all its scores, norms and head, and metadata that ties
+        the file to this backbone (layout) and shared weights (fingerprint)."""
+        gates = self.gate_states(task)
+        tensors = self.norm_and_head_tensors(task)
+        for name, layer in self.taps_layers():
+            tensors[f"score.{name}"] = layer.taps_score[task].detach().reshape(1)
+            if gates[name]:
+                tensors[f"delta.{name}"] = layer.taps_delta[task].detach()
+        metadata = {
+            "format": TASK_FORMAT, "task": task, "backbone": self.backbone_name, "threshold": repr(self.threshold),
+            "num_classes": str(self.heads[task].out_features), "gated_layers": str(len(gates)),
+            "active_layers": str(sum(gates.values())), "layout_signature": layout_signature(self),
+            "base_fingerprint": base_fingerprint(self), "layer_order": json.dumps(self.layer_order()),
+        }
+        return tensors, metadata

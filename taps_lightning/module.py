@@ -1,9 +1,10 @@
 """``TapsModule``: the LightningModule that trains TAPS and its baselines on many tasks.
 
 The one Lightning file of the package. It owns the loss (cross-entropy + ``lam`` x the
-sparsity penalty), the per-task torchmetrics, the optimizer and the schedule; the network
-is a :class:`~taps_lightning.TapsModel` (TAPS modes) or a
-:class:`~taps_lightning.baselines.MultiHeadModel` (baselines).
+model's regulariser), the per-task torchmetrics, the optimizer and the schedule. Everything
+that differs between modes (which :class:`~taps_lightning.multitask.MultiTaskModel` to build,
+phases, the progressive grouping) is asked of the mode's strategy object
+(:mod:`taps_lightning.modes`).
 
 Training batches are ``{task: (images, labels)}`` (one sub-batch per task, as Lightning's
 ``CombinedLoader`` yields them); validation and test use one dataloader per task.
@@ -21,19 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .baselines import MultiHeadModel
 from .checks import check_training_settings, normalize_sha256
+from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
-from .model import TapsModel
-from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
-from .stats import count_params, sparsity_loss, total_params_multiple
+from .modes import MODES, TAPS_MODES, create_mode
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES"]
 
-#: Modes that learn TAPS gates.
-TAPS_MODES = ("incremental", "joint", "memory_efficient")
-#: Every mode: TAPS ones and the paper's baselines.
-MODES = TAPS_MODES + ("finetune", "linear", "joint_finetune", "progressive")
 
 
 def cosine_restart(step: int, boundary: int, total: int) -> float:
@@ -101,8 +96,8 @@ class TapsModule(L.LightningModule):
         tasks: dict[str, int] | None = None,
         mode: str = "incremental",
         lam: float = 0.5,
-        threshold: float = 0.1,
-        score_init: float = 0.15,
+        threshold: float = THRESHOLD,
+        score_init: float = SCORE_INIT,
         sparsity_warmup_epochs: int = 3,
         joint_epochs: int = 1,
         lr: float = 0.01,
@@ -125,7 +120,7 @@ class TapsModule(L.LightningModule):
         recompute_weight: bool = True,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
+        if mode not in MODES:  # before anything else: the flag's allowed values
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not tasks:
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
@@ -143,51 +138,37 @@ class TapsModule(L.LightningModule):
                              "the experiment was set up with (re-install it or drop weights_sha256)")
         net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
         self.input_mean_std = input_mean_std(net)  # what experiments.fit normalises the data with
-        self.backbone_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in net.modules())
         self.tasks = dict(tasks)
-        if mode == "progressive":
-            if similarity_epochs < 1:
-                raise ValueError("progressive mode needs similarity_epochs >= 1 (the shared warm-up)")
-            self.model = ProgressiveAdapterModel(net, self.tasks, rank=adapter_rank, num_stages=num_stages,
-                                                 schedule=adapter_schedule, backbone_name=backbone)
-        elif mode in TAPS_MODES:
-            self.model = TapsModel(net, tasks=self.tasks, threshold=threshold, score_init=score_init,
-                                   freeze_base=mode != "joint", backbone_name=backbone,
-                                   recompute_weight=recompute_weight)
-        else:
-            self.model = MultiHeadModel(net, self.tasks, copy_per_task=mode == "finetune",
-                                        train_backbone=mode != "linear", backbone_name=backbone)
+        self.mode = create_mode(mode, self.hparams)
+        self.model = self.mode.build(net, self.tasks)
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
         self._nonfinite: dict[str, Tensor] = {}
-        self._task_grads: dict[str, list[Tensor]] = {}
-        self.similarity: dict[int, Tensor] = {}
-        self.grouping_epoch: int | None = None
 
     def _metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({t: MulticlassAccuracy(num_classes=n, average="micro") for t, n in self.tasks.items()})
 
     @property
     def is_taps(self) -> bool:
-        return self.hparams.mode in TAPS_MODES
+        return self.mode.learns_gates
+
+    @property
+    def similarity(self) -> dict[int, Tensor]:
+        """Progressive adapters: each stage's task-gradient cosine similarities (after grouping)."""
+        return getattr(self.mode, "similarity", {})
+
+    @property
+    def grouping_epoch(self) -> int | None:
+        return getattr(self.mode, "grouping_epoch", None)
 
     # -- phases --------------------------------------------------------------------------
     def taps_start_epoch(self) -> int:
         """First epoch in which TAPS gates train (later than 0 only in memory-efficient mode)."""
-        return self.hparams.joint_epochs if self.hparams.mode == "memory_efficient" else 0
-
-    def _enter_phase(self, epoch: int) -> None:
-        if self.hparams.mode != "memory_efficient":
-            return
-        joint_phase = epoch < self.taps_start_epoch()
-        self.model.set_taps_enabled(not joint_phase)
-        self.model.set_base_trainable(joint_phase)
+        return self.mode.taps_start_epoch()
 
     def lam_now(self) -> float:
         """``lam`` once the sparsity warm-up is over, else 0."""
-        if not self.is_taps or self.current_epoch < self.taps_start_epoch() + self.hparams.sparsity_warmup_epochs:
-            return 0.0
-        return self.hparams.lam
+        return self.mode.penalty_weight(self.current_epoch)
 
     # -- Lightning hooks -------------------------------------------------------------------
     def _datamodule(self):
@@ -201,7 +182,7 @@ class TapsModule(L.LightningModule):
                 f"the model's tasks {self.tasks} disagree with the data's {dict(data_classes)}; "
                 "let experiments.fit fill --model.tasks from --data, or fix the head sizes"
             )
-        self._enter_phase(self.current_epoch)
+        self.mode.enter_epoch(self.model, self.current_epoch)
 
     def on_fit_start(self) -> None:
         t = self.trainer
@@ -212,7 +193,7 @@ class TapsModule(L.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
-        self._enter_phase(self.current_epoch)
+        self.mode.enter_epoch(self.model, self.current_epoch)
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.model(x, task)
@@ -222,10 +203,10 @@ class TapsModule(L.LightningModule):
         losses, sparsities = {}, []
         for task, (x, y) in batch.items():
             loss = F.cross_entropy(self.model(x, task), y)
-            if self.is_taps:
-                sparsity = sparsity_loss(self.model, task, self.hparams.penalty_divisor)
-                sparsities.append(sparsity.detach())
-                loss = loss + lam * sparsity
+            penalty = self.model.regularizer(task, self.hparams.penalty_divisor) if self.is_taps else None
+            if penalty is not None:
+                sparsities.append(penalty.detach())
+                loss = loss + lam * penalty
             losses[task] = loss
         stacked = torch.stack(list(losses.values()))
         if not bool(torch.isfinite(stacked).all()):
@@ -235,8 +216,8 @@ class TapsModule(L.LightningModule):
                 f"task(s) {bad}: {[losses[t].item() for t in bad]}. Lower --model.lr, check the data of that task, "
                 "or use --trainer.precision 32-true"
             )
-        if self._collecting_similarity(batch_idx):
-            self._collect_task_gradients(losses)
+        if self.mode.collects_gradients(self.model, self.current_epoch, batch_idx):
+            self.mode.collect(self.model, losses)
         total = stacked.sum()
         bs = sum(len(y) for _, y in batch.values())
         self.log("train/loss", total, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
@@ -250,45 +231,11 @@ class TapsModule(L.LightningModule):
             self.log("train/lam", lam, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return total
 
-    # -- progressive adapters: task similarity from gradients -------------------------------
-    def _collecting_similarity(self, batch_idx: int) -> bool:
-        return (self.hparams.mode == "progressive" and not self.model.grouped
-                and self.current_epoch == self.hparams.similarity_epochs - 1
-                and batch_idx < self.hparams.similarity_batches)
-
-    def _collect_task_gradients(self, losses: dict[str, Tensor]) -> None:
-        """Add each task's gradient w.r.t. every stage's shared adapter (one vector per stage)."""
-        params = [self.model.stage_parameters(s) for s in range(self.model.num_stages)]
-        flat = [p for ps in params for p in ps]
-        for task, loss in losses.items():
-            grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat)]
-            vectors, i = [], 0
-            for ps in params:
-                vectors.append(torch.cat([g.reshape(-1) for g in grads[i:i + len(ps)]]).detach().float())
-                i += len(ps)
-            acc = self._task_grads.setdefault(task, [torch.zeros_like(v) for v in vectors])
-            for a, v in zip(acc, vectors):
-                a += v
-
     def on_train_epoch_end(self) -> None:
-        if self.hparams.mode != "progressive" or self.model.grouped or not self._task_grads:
-            return
-        if self.current_epoch != self.hparams.similarity_epochs - 1:
-            return
-        tasks = self.model.tasks
-        groups = {}
-        for stage in range(self.model.num_stages):
-            vectors = torch.stack([self._task_grads[t][stage] for t in tasks])
-            vectors = self.trainer.strategy.reduce(vectors, reduce_op="sum")  # all ranks' batches
-            self.similarity[stage] = cosine_similarity_matrix(vectors).cpu()
-            clusters, _ = group_tasks(self.similarity[stage], self.model.schedule[stage])
-            groups[stage] = [[tasks[i] for i in c] for c in clusters]
-        self.model.assign(groups)
-        self.grouping_epoch = self.current_epoch
-        self._task_grads.clear()
-        rank_zero_info("TAPS | progressive adapters grouped: " + "; ".join(
-            f"stage {s}: {' | '.join(','.join(g) for g in gs)}" for s, gs in groups.items()))
+        message = self.mode.end_epoch(self.model, self.current_epoch,
+                                      lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+        if message:
+            rank_zero_info(message)
 
     def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
         x, y = batch
@@ -351,40 +298,23 @@ class TapsModule(L.LightningModule):
 
     # -- costs -----------------------------------------------------------------------------
     def task_cost(self, task: str) -> dict[str, float]:
-        """``active_layers``, ``gated_layers``, ``task_params``, ``base_params``, ``fraction`` in every mode."""
-        if isinstance(self.model, ProgressiveAdapterModel):
-            return self.model.count_params(task)
-        if isinstance(self.model, TapsModel):
-            cost = count_params(self.model, task)
-            if self.hparams.mode == "memory_efficient" and self.current_epoch < self.taps_start_epoch():
-                # joint phase: deltas are switched off, a task owns only its norms and head
-                own = cost["norm_params"] + cost["head_params"]
-                cost = {**cost, "active_layers": 0, "delta_params": 0, "task_params": own,
-                        "fraction": own / cost["base_params"]}
-            return cost
-        params = self.model.task_param_count(task)
-        base = self.model.base_param_count
-        layers = self.backbone_layers
-        return {"active_layers": layers if self.model.copy_per_task else 0, "gated_layers": layers,
-                "task_params": params, "base_params": base, "fraction": params / base}
+        """``active_layers``, ``gated_layers``, ``task_params``, ``base_params``, ``fraction`` in every
+        mode, as the current phase has them (see :meth:`MultiTaskModel.task_cost`)."""
+        return self.mode.task_cost(self.model, task, self.current_epoch)
 
     def total_params_multiple(self) -> float:
         """Base plus every task-specific parameter, each counted once, in backbones (the paper's
         "Params" column). Progressive adapters shared by several tasks count once, although each
         task's :meth:`task_cost` includes them (the task needs them to run)."""
-        if isinstance(self.model, ProgressiveAdapterModel):
-            return total_params_multiple(self.model)
-        costs = [self.task_cost(task) for task in self.tasks]
-        base = costs[0]["base_params"]
-        return (base + sum(c["task_params"] for c in costs)) / base
+        if self.current_epoch < self.taps_start_epoch():  # phase-dependent costs
+            costs = [self.task_cost(task) for task in self.tasks]
+            return (costs[0]["base_params"] + sum(c["task_params"] for c in costs)) / costs[0]["base_params"]
+        return self.model.total_params_multiple()
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # memory-efficient mode switches the base on and off, so its parameters stay in the optimizer
-        params = list(self.model.named_parameters())
-        if hp.mode != "memory_efficient":
-            params = [(n, p) for n, p in params if p.requires_grad]
+        params = self.mode.optimizer_parameters(self.model)
         scores = [p for n, p in params if ".taps_score." in n]
         others = [p for n, p in params if ".taps_score." not in n]
         groups = [{"params": others, "weight_decay": hp.weight_decay}]
@@ -402,10 +332,8 @@ class TapsModule(L.LightningModule):
                 f"{self.trainer.max_epochs} / max_steps {self.trainer.max_steps} give none or an endless one: "
                 "set --trainer.max_epochs N (or --model.cosine_epochs N), or use --model.scheduler none")
         total = max(1, int(total))
-        boundary = 0
-        if hp.mode == "memory_efficient" and epochs:
-            # the TAPS phase is a run of its own on the jointly trained base: its own cosine cycle
-            boundary = min(total, self.taps_start_epoch() if per_epoch else total * self.taps_start_epoch() // epochs)
+        # memory-efficient: the TAPS phase is a run of its own on the jointly trained base, its own cosine cycle
+        boundary = self.mode.schedule_boundary(total, epochs, per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch" if per_epoch else "step"}}

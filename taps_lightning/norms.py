@@ -11,6 +11,8 @@ import copy
 
 from torch import Tensor, nn
 
+from .tuners import TaskLayer
+
 __all__ = ["TaskNorm", "NORM_TYPES"]
 
 #: Norm types that get a copy per task (subclasses such as timm's ``BatchNormAct2d`` and
@@ -18,7 +20,7 @@ __all__ = ["TaskNorm", "NORM_TYPES"]
 NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
-class TaskNorm(nn.Module):
+class TaskNorm(TaskLayer, nn.Module):
     """Holds ``base_norm`` (frozen template) and ``norms[task]`` (trained copies)."""
 
     def __init__(self, base_norm: nn.Module) -> None:
@@ -38,10 +40,17 @@ class TaskNorm(nn.Module):
         norm.train(self.training)
         self.norms[task] = norm
 
-    def remove_task(self, task: str) -> None:
+    def _drop_task(self, task: str) -> None:
         del self.norms[task]
-        if self.active_task == task:
-            self.active_task = None
+
+    def task_parameters(self, task: str):
+        yield from self.norms[task].parameters()
+
+    def task_tensors(self, task: str) -> dict[str, Tensor]:
+        return {f"norm.{k}": v.detach() for k, v in self.norms[task].state_dict().items()}
+
+    def merged_layer(self, task: str) -> nn.Module:
+        return copy.deepcopy(self.norms[task])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.active_task is None:

@@ -13,6 +13,8 @@ are per task, as in TAPS.
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 from typing import Mapping, Sequence
 
@@ -21,17 +23,18 @@ from torch import Tensor, nn
 
 from .inject import inject_taps, strip_classifier
 from .layers import base_layer_getattr, call_with_weight, check_gatable
+from .multitask import MultiTaskModel, default_backbone_name
 from .norms import TaskNorm
+from .signature import base_fingerprint
+from .tuners import TaskLayer
 
 __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_stages",
            "cosine_similarity_matrix", "group_tasks"]
 
 
-class LoRALayer(nn.Module):
+class LoRALayer(TaskLayer, nn.Module):
     """A frozen ``base_layer`` plus low-rank weight deltas ``B @ A * alpha / rank``, one per adapter;
-    each task is routed to one adapter (``adapter_of``)."""
-
-    is_weight_adapter = True
+    each task is routed to one adapter (``adapter_of``), several tasks may share one."""
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float | None = None) -> None:
         super().__init__()
@@ -52,14 +55,40 @@ class LoRALayer(nn.Module):
         self.lora_A[key] = nn.Parameter(a)
         self.lora_B[key] = nn.Parameter(torch.zeros(weight.shape[0], self.rank, device=weight.device, dtype=weight.dtype))
 
-    def delta_weight(self, key: str) -> Tensor:
+    def adapter_weight(self, key: str) -> Tensor:
+        """``B @ A * alpha / rank`` of adapter ``key``."""
         return (self.lora_B[key] @ self.lora_A[key]).view_as(self.base_layer.weight) * self.scaling
+
+    # -- TaskLayer verbs: a task is a route to an adapter ------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.adapter_of)
+
+    def add_task(self, task: str, adapter: str = "0") -> None:
+        self.adapter_of[task] = adapter
+
+    def _drop_task(self, task: str) -> None:
+        del self.adapter_of[task]
+
+    def task_parameters(self, task: str):
+        key = self.adapter_of[task]
+        yield self.lora_A[key]
+        yield self.lora_B[key]
+
+    def task_tensors(self, task: str) -> dict[str, Tensor]:
+        return {"delta": self.adapter_weight(self.adapter_of[task]).detach()}
+
+    def merged_layer(self, task: str) -> nn.Module:
+        plain = copy.deepcopy(self.base_layer)
+        with torch.no_grad():
+            plain.weight.add_(self.adapter_weight(self.adapter_of[task]).to(plain.weight.dtype))
+        return plain
 
     @property
     def weight(self) -> Tensor:
         key = self.adapter_of.get(self.active_task) if self.active_task is not None else None
         base = self.base_layer.weight
-        return base if key is None else base + self.delta_weight(key)
+        return base if key is None else base + self.adapter_weight(key)
 
     def forward(self, x: Tensor) -> Tensor:
         return call_with_weight(self.base_layer, x, self.weight)
@@ -124,7 +153,7 @@ def group_tasks(similarity: Tensor, num_groups: int) -> tuple[list[list[int]], l
     return sorted(clusters), merges
 
 
-class ProgressiveAdapterModel(nn.Module):
+class ProgressiveAdapterModel(MultiTaskModel):
     """A frozen backbone with progressively task-specific LoRA adapters, task norms and heads.
 
     Args:
@@ -135,13 +164,16 @@ class ProgressiveAdapterModel(nn.Module):
         schedule: adapters per stage (default :func:`default_schedule`).
     """
 
+    can_export = True
+
     def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], rank: int = 8, alpha: float | None = None,
                  num_stages: int = 4, schedule: Sequence[int] | None = None, backbone_name: str | None = None) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("progressive adapters need at least one task")
-        self.head_path, self.num_features = strip_classifier(backbone)[:2]
-        self.backbone_name = backbone_name or type(backbone).__name__
+        self.classifier = strip_classifier(backbone)
+        self.num_features = self.classifier.num_features
+        self.backbone_name = backbone_name or default_backbone_name(backbone)
         self.base_param_count = sum(p.numel() for p in backbone.parameters())
         self.gated_names, self.norm_names = inject_taps(backbone, wrap_layer=lambda m: LoRALayer(m, rank, alpha))
         self.backbone = backbone
@@ -155,20 +187,16 @@ class ProgressiveAdapterModel(nn.Module):
         for name, layer in self.lora_layers():
             for k in range(self.schedule[self.stage_of[name]]):
                 layer.add_adapter(str(k))
-        for _, norm in self.task_norms():
-            for task in self.task_list:
+        for task, num_classes in tasks.items():
+            self._check_new_task(task, num_classes)
+            for _, norm in self.task_norms():
                 norm.add_task(task)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.num_features, int(n)) for t, n in tasks.items()})
+            self.heads[task] = self._new_head(num_classes)
         self.grouped = False
         self.groups: dict[int, list[list[str]]] = {}
         self.assign({s: [self.task_list] for s in range(num_stages)}, copy_from_shared=False)
         self.grouped = False
-        self.active_task = None
         self.set_task(self.task_list[0])
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.task_list)
 
     @property
     def num_stages(self) -> int:
@@ -188,6 +216,17 @@ class ProgressiveAdapterModel(nn.Module):
         for name, p in self.backbone.named_parameters():
             if not any(s in f".{name}" for s in skip):
                 yield p
+
+    def task_parameters(self, task: str | None = None):
+        """Adapters on the task's path (shared ones included), its norms and head; every
+        adapter, norm and head once for ``task=None``."""
+        if task is None:
+            yield from (p for p in self.parameters() if p.requires_grad)
+            return
+        self._check_task(task)
+        for _, layer in self.task_layers():
+            yield from layer.task_parameters(task)
+        yield from self.heads[task].parameters()
 
     def stage_parameters(self, stage: int, key: str = "0") -> list[nn.Parameter]:
         """The parameters of adapter ``key`` in every layer of ``stage``."""
@@ -213,19 +252,11 @@ class ProgressiveAdapterModel(nn.Module):
                             layer.lora_B[str(g)].copy_(layer.lora_B["0"])
         self.grouped = True
 
-    def set_task(self, task: str) -> None:
-        if task not in self.heads:
-            raise KeyError(f"unknown task {task!r}; this model has tasks {self.tasks}")
-        self.active_task = task
-        for _, layer in self.lora_layers():
-            layer.active_task = task
-        for _, norm in self.task_norms():
-            norm.active_task = task
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
 
-    def forward(self, x: Tensor, task: str | None = None) -> Tensor:
-        if task is not None and task != self.active_task:
-            self.set_task(task)
-        return self.heads[self.active_task](self.backbone(x))
+    def sharing(self) -> dict[int, list[list[str]]]:
+        return dict(self.groups) if self.grouped else {}
 
     # -- the grouping is part of the state (checkpoints, resume) ----------------------------
     def get_extra_state(self) -> dict:
@@ -240,9 +271,9 @@ class ProgressiveAdapterModel(nn.Module):
         """``(layer, adapter)`` on ``task``'s path."""
         return [(name, layer.adapter_of[task]) for name, layer in self.lora_layers()]
 
-    def count_params(self, task: str) -> dict[str, float]:
-        """As :func:`taps_lightning.count_params`: ``delta_params`` are the adapters on the
-        task's path (shared ones included: the task needs them to run)."""
+    def task_cost(self, task: str) -> dict[str, float]:
+        """``delta_params`` are the adapters on the task's path (shared ones included: the task
+        needs them to run); ``active_layers`` counts the layers where its adapter is its own."""
         layers = dict(self.lora_layers())
         delta = sum(layers[n].lora_A[k].numel() + layers[n].lora_B[k].numel() for n, k in self.path_adapters(task))
         norm = sum(p.numel() for _, n in self.task_norms() for p in n.norms[task].parameters())
@@ -254,6 +285,27 @@ class ProgressiveAdapterModel(nn.Module):
                 "head_params": head, "task_params": total, "base_params": self.base_param_count,
                 "fraction": total / self.base_param_count}
 
+    count_params = task_cost
+
+    def total_params_multiple(self) -> float:
+        """Every adapter, norm and head counted once (a shared adapter serves several tasks)."""
+        return (self.base_param_count + self.trainable_param_count()) / self.base_param_count
+
     def trainable_param_count(self) -> int:
         """Every adapter, norm and head once: what the whole multi-task model adds to the base."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def task_file(self, task: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The task's path through the shared and task-specific adapters (``lora_A``/``lora_B``
+        of each layer), its norms and head (format ``progressive-task/1``)."""
+        tensors, layers = self.norm_and_head_tensors(task), dict(self.lora_layers())
+        for name, key in self.path_adapters(task):
+            tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
+            tensors[f"lora_B.{name}"] = layers[name].lora_B[key].detach()
+        metadata = {
+            "format": "progressive-task/1", "task": task, "backbone": self.backbone_name,
+            "num_classes": str(self.heads[task].out_features), "schedule": json.dumps(self.schedule),
+            "groups": json.dumps({str(s): g for s, g in self.groups.items()}),
+            "path": json.dumps(self.path_adapters(task)), "base_fingerprint": base_fingerprint(self),
+        }
+        return tensors, metadata

@@ -54,7 +54,7 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:
     """``module`` wrapped by TAPS with one task ``"t"`` added and active (zero delta, score 0.15)."""
-    layer = tl.create_taps_layer(module, threshold, 0.15)
+    layer = tl.create_taps_layer(module, tl.TapsConfig(threshold, 0.15))
     layer.add_task("t")
     layer.active_task = "t"
     return layer

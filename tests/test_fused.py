@@ -87,7 +87,7 @@ def test_recompute_keeps_no_weight_copy_for_backward(kind):
     layer = single_task_layer(LAYERS[kind](), TAU)
     x = torch.randn(INPUTS[kind], requires_grad=True)
     assert _saved_weight_sized(layer, x) == []
-    layer.recompute_weight = False  # composing the weight first keeps ``base + delta`` alive
+    layer.config.recompute_weight = False  # composing the weight first keeps ``base + delta`` alive
     assert len(_saved_weight_sized(layer, x)) == 1
 
 

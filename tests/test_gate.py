@@ -76,7 +76,7 @@ def test_attention_block_matches_explicit_weights():
     torch.manual_seed(1)
     attn = Attention(dim=16, num_heads=2, qkv_bias=True)
     reference = copy.deepcopy(attn)
-    names, _ = tl.inject_taps(attn, threshold=TAU, score_init=0.15)
+    names, _ = tl.inject_taps(attn, tl.TapsConfig(TAU, 0.15))
     assert set(names) == {"qkv", "proj"}
     deltas = {}
     for name in names:

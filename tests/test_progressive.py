@@ -82,9 +82,9 @@ def test_identical_tasks_have_similarity_one_and_share_an_adapter():
     x2, y2 = torch.randn(4, 3, 32, 32), torch.tensor([2, 2, 1, 0])
     losses = {"a": F.cross_entropy(model(x, "a"), y), "b": F.cross_entropy(model(x, "b"), y),
               "c": F.cross_entropy(model(x2, "c"), y2)}
-    module._collect_task_gradients(losses)
+    module.mode.collect(model, losses)
     for stage in range(2):
-        vectors = torch.stack([module._task_grads[t][stage] for t in ("a", "b", "c")])
+        vectors = torch.stack([module.mode.task_grads[t][stage] for t in ("a", "b", "c")])
         sim = cosine_similarity_matrix(vectors)
         assert sim[0, 1] == pytest.approx(1.0, abs=1e-5)
         assert sim[0, 2] < 0.99
@@ -176,3 +176,23 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
     total = report_cb.rows[-1]
     assert total["params_multiple"] == pytest.approx(1 + (adapters + norms + heads) / base)
     assert total["params_multiple"] < 1 + total["task_params"] / base  # per-task paths overlap in shared stages
+
+
+def test_progressive_merge_equals_the_adapted_model():
+    """merge() folds each task's LoRA path into plain layers, through the same TaskLayer verbs as TAPS."""
+    torch.manual_seed(0)
+    model = ProgressiveAdapterModel(timm.create_model("resnet18", num_classes=0), {"a": 3, "b": 4},
+                                    rank=2, num_stages=2).eval()
+    model.assign({0: [["a", "b"]], 1: [["a"], ["b"]]})
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            for key in layer.lora_B:
+                layer.lora_B[key].normal_(0, 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    for task in ("a", "b"):
+        merged = tl.merge(model, task).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), model(x, task), atol=1e-5, rtol=1e-5)
+        layer = model.backbone.layer4[1].conv2
+        delta = (layer.lora_B[layer.adapter_of[task]] @ layer.lora_A[layer.adapter_of[task]]).view_as(layer.weight)
+        torch.testing.assert_close(merged.layer4[1].conv2.weight, layer.base_layer.weight + delta * layer.scaling)
