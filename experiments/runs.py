@@ -121,8 +121,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise SystemExit(f"--ckpt_path: {path}: holds Python objects besides tensors and plain values; it is not "
-                         "loaded (it could run code). Use a checkpoint written by experiments.fit") from None
+        raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint (not a torch file, or one holding Python "
+                         "objects besides tensors and plain values, which is never unpickled: it could run code); "
+                         "use a checkpoint written by experiments.fit") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint ({reason}); it may be truncated "
