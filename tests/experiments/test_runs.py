@@ -13,7 +13,7 @@ import yaml
 
 from experiments.runs import RunInUseError, RunLock, claim_version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.tasks", "[mnist]",
         "--data.max_train_per_task", "16", "--data.batch_size", "8", "--trainer.max_epochs", "1",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--test", "false"]

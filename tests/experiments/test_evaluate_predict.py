@@ -22,7 +22,7 @@ from experiments.fit import main as fit_main
 from helpers import tiny_resnet
 from taps_lightning.module import TapsModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: a tiny model on a little of the embedded data, at its stored 32 px
 TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.resize_to", "32",
         "--data.max_train_per_task", "64", "--data.batch_size", "16", "--trainer.max_epochs", "1",

@@ -17,7 +17,7 @@ from helpers import TinyTasks, explicit_task_network, randomize_tasks
 from taps_lightning import TapsModel, gate_states
 from taps_lightning.module import MODES, TapsModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 
 
