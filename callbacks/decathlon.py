@@ -38,7 +38,7 @@ class DecathlonScore(L.Callback):
     def _log(self, trainer, pl_module, stage: str) -> None:
         if trainer.sanity_checking:
             return
-        metrics = pl_module.val_acc if stage == "val" else pl_module.test_acc
+        metrics = pl_module.eval_metrics(stage)
         errors = {t: 1.0 - float(m.compute()) for t, m in metrics.items()
                   if t in BASELINE_ERRORS and m.update_called}
         if errors:

@@ -262,6 +262,11 @@ class TapsModule(L.LightningModule):
                 "kept as best. Lower --model.lr, check the data, or use --trainer.precision 32-true; "
                 "resume from an earlier checkpoint with --ckpt_path")
 
+    def eval_metrics(self, stage: str) -> nn.ModuleDict:
+        """``{task: accuracy metric}`` of ``stage`` (``val`` or ``test``), for callbacks to read
+        at epoch end before the module resets them."""
+        return self.val_acc if stage == "val" else self.test_acc
+
     def eval_tasks(self) -> list[str]:
         """Task of each validation/test dataloader, in order."""
         return list(getattr(self._datamodule(), "tasks", None) or self.tasks)
