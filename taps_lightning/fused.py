@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gate import known_gate_grads
+from .config import CONV_TYPES
+from .gate import compose_weight, known_gate_grads
 
 __all__ = ["fusable", "gated_layer_forward"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def fusable(layer: nn.Module) -> bool:
@@ -35,7 +35,7 @@ def fusable(layer: nn.Module) -> bool:
     kind = type(layer)
     if kind is nn.Linear:
         return True
-    return kind in _CONVS and not isinstance(layer.padding, str)
+    return kind in CONV_TYPES and not isinstance(layer.padding, str)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype | None:
@@ -62,7 +62,7 @@ class _GatedLayer(torch.autograd.Function):
         ctx.active, ctx.conv, ctx.dtype = active, conv, dtype
         ctx.x_dtype, ctx.score_dtype, ctx.score_shape = x.dtype, score.dtype, score.shape
         x = _cast(x, dtype)
-        weight = _cast(base + delta if active else base, dtype)
+        weight = _cast(compose_weight(base, delta, active), dtype)
         with _autocast_off(x.device.type):
             if conv is None:
                 out = F.linear(x, weight, _cast(bias, dtype))
@@ -81,7 +81,7 @@ class _GatedLayer(torch.autograd.Function):
         grad_out = _cast(grad_out, ctx.dtype)
         # convolution_backward reads the weight's layout even for dL/dw alone (first layers).
         rebuild = need_x or ctx.conv is not None
-        weight = _cast(base + delta if ctx.active else base, ctx.dtype) if rebuild else None
+        weight = _cast(compose_weight(base, delta, ctx.active), ctx.dtype) if rebuild else None
         with _autocast_off(x.device.type):
             if ctx.conv is None:
                 grad_x = grad_out @ weight if need_x else None

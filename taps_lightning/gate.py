@@ -30,6 +30,12 @@ def gate_open(score: Tensor, threshold: float) -> Tensor:
     return score.detach() >= threshold
 
 
+def compose_weight(base: Tensor, delta: Tensor, active: bool) -> Tensor:
+    """``w_base + I * delta`` for a gate known on the host: the one place the TAPS weight is
+    composed (forward, the fused layer's forward and backward, the inference cache, merging)."""
+    return base + delta if active else base
+
+
 def hard_gate(score: Tensor, threshold: float) -> Tensor:
     """``I(score >= threshold)`` as a 0/1 tensor of ``score``'s dtype (no gradient)."""
     return gate_open(score, threshold).to(score.dtype)
@@ -74,7 +80,7 @@ class _KnownGateWeight(torch.autograd.Function):
         ctx.active = active
         ctx.save_for_backward(delta)
         ctx.score_dtype, ctx.score_shape = score.dtype, score.shape
-        return base + delta if active else base.view_as(base)
+        return compose_weight(base, delta, True) if active else base.view_as(base)
 
     @staticmethod
     def backward(ctx, grad_w: Tensor):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import CONV_TYPES, GATED_TYPES, TapsConfig
 from .fused import fusable, gated_layer_forward
-from .gate import gate_open, gated_weight
+from .gate import compose_weight, gate_open, gated_weight
 from .tuners import TaskLayer
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
@@ -109,19 +109,14 @@ class TapsLayer(TaskLayer, nn.Module):
         """Whether ``task`` uses its own weights here (``score >= threshold``); syncs with the device."""
         return bool(gate_open(self.taps_score[task], self.threshold))
 
-    def delta_weight(self, task: str) -> Tensor:
-        """``I(s >= tau) * delta`` for ``task``, detached (what merging adds to the base)."""
-        delta = self.taps_delta[task].detach()
-        return delta if self.is_active(task) else torch.zeros_like(delta)
-
     def task_tensors(self, task: str) -> dict[str, Tensor]:
         return {"delta": self.taps_delta[task].detach()} if self.is_active(task) else {}
 
     def merged_layer(self, task: str) -> nn.Module:
         plain = copy.deepcopy(self.base_layer)
-        if self.is_active(task):
-            with torch.no_grad():
-                plain.weight.add_(self.taps_delta[task].detach().to(plain.weight.dtype))
+        with torch.no_grad():
+            plain.weight.copy_(compose_weight(plain.weight, self.taps_delta[task].detach().to(plain.weight.dtype),
+                                              self.is_active(task)))
         return plain
 
     # -- the gated weight --------------------------------------------------------------
@@ -144,7 +139,7 @@ class TapsLayer(TaskLayer, nn.Module):
         cached = self._merged_cache.get(task)
         if cached is not None and cached[0] == key:
             return cached[1]
-        merged = base + delta if self.is_active(task) else base
+        merged = compose_weight(base, delta, self.is_active(task))
         self._merged_cache[task] = (key, merged)
         return merged
 
