@@ -161,8 +161,9 @@ class TapsCLI(LightningCLI):
             lock.release()
             raise
         ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"
-        check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)")
-        check_writable(ckpt_dir / "adapters", "the adapter folder")
+        flag = "--checkpoint.dirpath" if cfg.checkpoint.dirpath else "--trainer.default_root_dir"
+        check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)", flag)
+        check_writable(ckpt_dir / "adapters", "the adapter folder", flag)
         return lock
 
     def after_instantiate_classes(self) -> None:

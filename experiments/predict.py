@@ -72,7 +72,7 @@ class PredictCLI(TrainedCLI):
             raise SystemExit("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
             raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
-        check_writable(Path(cfg.output).absolute().parent, "--output")  # before any image is read
+        check_writable(Path(cfg.output).absolute().parent, "--output", "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
         self.tasks = self.trained.select(cfg.tasks)
 

@@ -49,7 +49,7 @@ def claim_version(root: str | os.PathLike) -> int:
             version += 1
 
 
-def check_writable(folder: str | os.PathLike, what: str) -> Path:
+def check_writable(folder: str | os.PathLike, what: str, flag: str = "--trainer.default_root_dir") -> Path:
     """Prove that ``folder`` can be written (or created) before any training, leaving nothing
     behind: a file is written and removed in ``folder`` or in its nearest existing ancestor."""
     folder = Path(folder).absolute()
@@ -65,7 +65,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
         raise SystemExit(
             f"{what}: cannot write to {folder} ({type(err).__name__}: {err.strerror or err}"
             f"{f' at {existing}' if existing != folder else ''}). "
-            "Choose a writable folder (e.g. --trainer.default_root_dir /scratch/$USER) before training starts."
+            f"Choose a writable folder (e.g. {flag} /scratch/$USER); nothing has run yet."
         ) from None
     return folder
 

@@ -98,7 +98,7 @@ def test_default_root_dir_is_honoured_and_save_dir_still_works(in_tmp):
 def test_unwritable_checkpoint_folder_is_refused_before_training(in_tmp):
     blocker = in_tmp / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit, match=rf"checkpoint folder \(--checkpoint.dirpath\): cannot write to {blocker}/ckpt"):
+    with pytest.raises(SystemExit, match=rf"checkpoint folder \(--checkpoint.dirpath\): cannot write to {blocker}/ckpt .*--checkpoint.dirpath /scratch"):
         _cli(TINY + ["--checkpoint.dirpath", str(blocker / "ckpt")])
     with pytest.raises(SystemExit, match="log folder.*cannot write to"):
         _cli(TINY + ["--trainer.default_root_dir", str(blocker)])
