@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -25,6 +25,7 @@ from .multitask import MultiTaskModel
 from .signature import base_fingerprint, layout_signature
 
 __all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
+
 
 class TaskFileError(ValueError):
     """A task file that cannot be loaded into this model; the message says why and what to do."""
@@ -69,17 +70,27 @@ def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _unreadable(path: Path, err: Exception) -> TaskFileError:
+    return TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task")
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The file's metadata (its header only), or a clear error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file; save one with taps_lightning.save_task(model, task, path)")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    metadata = _read_metadata(path)
+    try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
+        raise _unreadable(path, err) from err
     if metadata.get("format") == "progressive-task/1":
         raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS task files only "
                             "(restore progressive runs from their checkpoint)")
@@ -247,16 +258,8 @@ def _key(kind: str, layer: str) -> str:
 def task_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a task file (``task``, ``backbone``, ``num_classes``, ...) without reading
     its tensors; ``class_names`` is decoded to a list, or ``None`` when the file has none."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such task file; save one with taps_lightning.save_task(model, task, path)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata: dict[str, Any] = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task") from err
+    metadata: dict[str, Any] = _read_metadata(path)
     metadata["class_names"] = _class_names(path, metadata)
     return metadata
 
