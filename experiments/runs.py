@@ -119,7 +119,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise SystemExit(f"--ckpt_path: {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: checking a file (or reading its hyper-parameters) does not read every tensor into memory
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint (not a torch file, or one holding Python "
                          "objects besides tensors and plain values, which is never unpickled: it could run code); "
