@@ -11,13 +11,18 @@ from taps_lightning import MultiTaskModel, gate_open
 __all__ = ["selection_matrix", "draw_heatmap", "selection_images", "log_images", "save_images", "LayerSelectionLogger"]
 
 
-def selection_matrix(model: MultiTaskModel) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """``(tasks, layer names in forward order, mask [T, L] of 0/1, scores [T, L])`` from the
-    model's :meth:`~taps_lightning.multitask.MultiTaskModel.layer_selection`; the mask is
-    decided by the one gate rule the forward uses."""
+def _selection(model: MultiTaskModel) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+    """``(layer names in forward order, mask [T, L], scores [T, L], threshold)`` from one call to
+    :meth:`~taps_lightning.multitask.MultiTaskModel.layer_selection`; the mask is decided by the one
+    gate rule the forward uses."""
     layers, scores, threshold = model.layer_selection()
-    mask = gate_open(scores, threshold)
-    return model.tasks, layers, mask.float().numpy(), scores.float().numpy()
+    return layers, gate_open(scores, threshold).float().numpy(), scores.float().numpy(), threshold
+
+
+def selection_matrix(model: MultiTaskModel) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """``(tasks, layer names in forward order, mask [T, L] of 0/1, scores [T, L])``."""
+    layers, mask, scores, _ = _selection(model)
+    return model.tasks, layers, mask, scores
 
 
 def _short(name: str) -> str:
@@ -56,8 +61,8 @@ def draw_heatmap(values: np.ndarray, tasks: list[str], layers: list[str], title:
 def selection_images(model: MultiTaskModel, when: str = "") -> dict[str, np.ndarray]:
     """``taps/layer_selection`` (active=1 / inactive=0) and ``taps/scores`` (raw scores, the
     threshold marked) as RGB arrays; ``when`` ends the titles (e.g. ``", epoch 3"``)."""
-    tasks, layers, mask, scores = selection_matrix(model)
-    threshold = model.layer_selection()[2]
+    tasks = model.tasks
+    layers, mask, scores, threshold = _selection(model)
     return {
         "taps/layer_selection": draw_heatmap(mask, tasks, layers, f"task-specific layers{when}"),
         "taps/scores": draw_heatmap(scores, tasks, layers, f"layer scores{when}", threshold=threshold),
@@ -92,7 +97,7 @@ class LayerSelectionLogger(L.Callback):
 
     def _model(self, pl_module):
         model = getattr(pl_module, "model", None)
-        return model if model is not None and model.tasks and model.layer_selection() is not None else None
+        return model if model is not None and model.selects_layers and model.tasks else None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         model = self._model(pl_module)

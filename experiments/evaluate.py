@@ -71,7 +71,7 @@ def _evaluate(cli: EvaluateCLI) -> None:
     run = trainer.validate if split == "val" else trainer.test
     run(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True, verbose=False)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-    if trainer.is_global_zero and model.model.layer_selection() is not None:
+    if trainer.is_global_zero and model.model.selects_layers:
         images = selection_images(model.model, f" ({split} set, evaluated)")
         log_images(trainer, images, step=0)
         save_images(images, log_dir)

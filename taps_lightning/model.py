@@ -48,6 +48,7 @@ class TapsModel(MultiTaskModel):
     """
 
     can_export = True
+    selects_layers = True
 
     def __init__(
         self,

@@ -35,6 +35,8 @@ class MultiTaskModel(nn.Module):
 
     #: Whether tasks can be written as task files (:func:`~taps_lightning.save_task`).
     can_export = False
+    #: Whether each task selects its own layers (TAPS): :meth:`layer_selection` has something to show.
+    selects_layers = False
 
     def __init__(self) -> None:
         super().__init__()
