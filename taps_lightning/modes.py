@@ -30,6 +30,9 @@ class Mode:
 
     def __init__(self, hp: Mapping[str, Any]) -> None:
         self.hp = hp
+        #: Progressive grouping: each stage's task-gradient cosine similarities, and the epoch it was made.
+        self.similarity: dict[int, Tensor] = {}
+        self.grouping_epoch: int | None = None
 
     def build(self, net: nn.Module, tasks: Mapping[str, int]) -> MultiTaskModel:
         raise NotImplementedError
@@ -151,8 +154,6 @@ class Progressive(Mode):
         if hp["similarity_epochs"] < 1:
             raise ValueError("progressive mode needs similarity_epochs >= 1 (the shared warm-up)")
         self.task_grads: dict[str, list[Tensor]] = {}
-        self.similarity: dict[int, Tensor] = {}
-        self.grouping_epoch: int | None = None
 
     def build(self, net, tasks):
         hp = self.hp

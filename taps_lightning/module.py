@@ -155,11 +155,11 @@ class TapsModule(L.LightningModule):
     @property
     def similarity(self) -> dict[int, Tensor]:
         """Progressive adapters: each stage's task-gradient cosine similarities (after grouping)."""
-        return getattr(self.mode, "similarity", {})
+        return self.mode.similarity
 
     @property
     def grouping_epoch(self) -> int | None:
-        return getattr(self.mode, "grouping_epoch", None)
+        return self.mode.grouping_epoch
 
     # -- phases --------------------------------------------------------------------------
     def taps_start_epoch(self) -> int:
