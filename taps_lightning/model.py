@@ -13,7 +13,6 @@ from .gate import gate_open
 from .inject import inject_taps, strip_classifier
 from .layers import TapsLayer, create_taps_layer
 from .multitask import TASK_NAME, MultiTaskModel, default_backbone_name
-from .norms import TaskNorm
 from .signature import base_fingerprint, layout_signature
 
 __all__ = ["TapsModel", "TASK_NAME"]
@@ -96,10 +95,6 @@ class TapsModel(MultiTaskModel):
     def taps_layers(self) -> Iterator[tuple[str, TapsLayer]]:
         """``(name, layer)`` for every gated layer, in forward order once a forward has run."""
         for name in self.layer_order():
-            yield name, self.backbone.get_submodule(name)
-
-    def task_norms(self) -> Iterator[tuple[str, TaskNorm]]:
-        for name in self.norm_names:
             yield name, self.backbone.get_submodule(name)
 
     def layer_order(self) -> list[str]:
@@ -214,8 +209,7 @@ class TapsModel(MultiTaskModel):
         gates = self.gate_states(task)
         layers = dict(self.taps_layers())
         delta_params = sum(layers[name].base_layer.weight.numel() for name, on in gates.items() if on)
-        norm_params = sum(p.numel() for _, norm in self.task_norms() for p in norm.norms[task].parameters())
-        head_params = sum(p.numel() for p in self.heads[task].parameters())
+        norm_params, head_params = self.norm_and_head_params(task)
         task_params = delta_params + norm_params + head_params
         return {"active_layers": sum(gates.values()), "gated_layers": len(gates), "delta_params": delta_params,
                 "norm_params": norm_params, "head_params": head_params, "task_params": task_params,

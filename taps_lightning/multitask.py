@@ -12,6 +12,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from .norms import TaskNorm
 from .tuners import TaskLayer
 
 __all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name"]
@@ -78,6 +79,12 @@ class MultiTaskModel(nn.Module):
             if isinstance(module, TaskLayer):
                 yield name, module
 
+    def task_norms(self) -> Iterator[tuple[str, TaskNorm]]:
+        """The task-specific norms, in the backbone's registration order."""
+        for name, layer in self.task_layers():
+            if isinstance(layer, TaskNorm):
+                yield name, layer
+
     def set_task(self, task: str | None) -> None:
         """Make ``task`` the one :meth:`forward` runs (``None``: the shared backbone alone);
         switching is a pointer change in every per-task layer, nothing is reloaded."""
@@ -119,6 +126,11 @@ class MultiTaskModel(nn.Module):
         ``fraction`` = ``task_params / base_params``."""
         raise NotImplementedError
 
+    def norm_and_head_params(self, task: str) -> tuple[int, int]:
+        """Trained parameters of ``task``'s norms and of its head (what every task owns)."""
+        norms = sum(p.numel() for _, norm in self.task_norms() for p in norm.norms[task].parameters())
+        return norms, sum(p.numel() for p in self.heads[task].parameters())
+
     def total_params_multiple(self) -> float:
         """Base plus every task's own parameters, in backbones (the paper's "Params" column)."""
         extra = sum(self.task_cost(task)["task_params"] for task in self.tasks)
@@ -141,9 +153,7 @@ class MultiTaskModel(nn.Module):
 
     def norm_and_head_tensors(self, task: str) -> dict[str, Tensor]:
         """``norm.<layer>.<key>`` and ``head.<key>``: what every kind of task file stores."""
-        from .norms import TaskNorm
-
-        tensors = {f"norm.{name}.{k}": v.detach() for name, layer in self.task_layers() if isinstance(layer, TaskNorm)
-                   for k, v in layer.norms[task].state_dict().items()}
+        tensors = {f"norm.{name}.{k}": v.detach() for name, norm in self.task_norms()
+                   for k, v in norm.norms[task].state_dict().items()}
         tensors.update({f"head.{k}": v.detach() for k, v in self.heads[task].state_dict().items()})
         return tensors

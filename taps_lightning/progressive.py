@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from .inject import inject_taps, strip_classifier
 from .layers import base_layer_getattr, call_with_weight, check_gatable
 from .multitask import MultiTaskModel, default_backbone_name
-from .norms import TaskNorm
 from .signature import base_fingerprint
 from .tuners import TaskLayer
 
@@ -206,10 +205,6 @@ class ProgressiveAdapterModel(MultiTaskModel):
         for name in self.gated_names:
             yield name, self.backbone.get_submodule(name)
 
-    def task_norms(self):
-        for name in self.norm_names:
-            yield name, self.backbone.get_submodule(name)
-
     def shared_parameters(self):
         """The frozen backbone's own weights (no adapters, task norms or norm templates)."""
         skip = (".lora_A.", ".lora_B.", ".norms.", ".base_norm.")
@@ -276,8 +271,7 @@ class ProgressiveAdapterModel(MultiTaskModel):
         needs them to run); ``active_layers`` counts the layers where its adapter is its own."""
         layers = dict(self.lora_layers())
         delta = sum(layers[n].lora_A[k].numel() + layers[n].lora_B[k].numel() for n, k in self.path_adapters(task))
-        norm = sum(p.numel() for _, n in self.task_norms() for p in n.norms[task].parameters())
-        head = sum(p.numel() for p in self.heads[task].parameters())
+        norm, head = self.norm_and_head_params(task)
         own = sum(1 for n, k in self.path_adapters(task)
                   if sum(1 for t in self.tasks if layers[n].adapter_of[t] == k) == 1)
         total = delta + norm + head
