@@ -31,6 +31,13 @@ class TaskExport(L.Callback):
         if model is None or not model.can_export:
             return
         folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
+        within = pl_module.within_budget() if hasattr(pl_module, "within_budget") else None
+        if within is not None and not all(within.values()) and when == "final weights":
+            # a budget run exports only weights that meet the budget: the tested (best) ones follow
+            rank_zero_info(f"TAPS | adapters not written for the final weights: over the budget for "
+                           f"{', '.join(t for t, ok in within.items() if not ok)}; the best checkpoint's are "
+                           "written after test (or save_task from best-*.ckpt: README, Export and merge)")
+            return
         if trainer.is_global_zero:
             names = getattr(trainer.datamodule, "class_names", None)  # stored so predictions can be named
             for task in model.tasks:

@@ -21,11 +21,12 @@ def task_param_metrics(pl_module) -> dict[str, float]:
 
 class TaskParamLogger(L.Callback):
     """Logs :func:`task_param_metrics` at the end of every validation epoch (rank zero only;
-    the values are identical on every rank)."""
+    the values are identical on every rank), at the global step as Lightning logs epoch metrics,
+    so that a budget run's per-step ``taps/<task>/task_params_fraction`` shares its axis."""
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         metrics = task_param_metrics(pl_module)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.current_epoch)
+            logger.log_metrics(metrics, step=trainer.global_step)

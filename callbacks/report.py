@@ -14,7 +14,7 @@ from taps_lightning import save_task
 
 __all__ = ["ResultsReport", "collect_rows", "format_markdown"]
 
-COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "task_params_pct", "stored_mb")
+COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "task_params_pct", "stored_mb", "lam")
 
 
 def _stored_mb(module: L.LightningModule, task: str) -> float:
@@ -41,6 +41,7 @@ def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[d
             "task_params": int(cost["task_params"]),
             "task_params_pct": 100 * float(cost["fraction"]),
             "stored_mb": _stored_mb(module, task),
+            "lam": module.task_lam(task),  # the final lambda (per task with a budget); None without gates
         })
     base = rows and module.task_cost(rows[0]["task"])["base_params"]
     total_params = sum(r["task_params"] for r in rows)
@@ -58,16 +59,36 @@ def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[d
     return rows
 
 
-def format_markdown(rows: list[dict], title: str) -> str:
-    head = "| task | acc (%) | active / gated layers | task params | % of backbone | stored MB |\n|---|---:|---:|---:|---:|---:|\n"
+def _lam_cell(lam: float | None) -> str:
+    return "" if lam is None else f"{lam:.3g}"
+
+
+def format_markdown(rows: list[dict], title: str, budget: float | None = None) -> str:
+    head = ("| task | acc (%) | active / gated layers | task params | % of backbone | stored MB | lambda |\n"
+            "|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['task']} | {r['accuracy']:.2f} | {r['active_layers']} / {r['gated_layers']} | {r['task_params']:,} | "
-        f"{r['task_params_pct']:.2f} | {r['stored_mb']:.2f} |\n"
+        f"{r['task_params_pct']:.2f} | {r['stored_mb']:.2f} | {_lam_cell(r.get('lam'))} |\n"
         for r in rows
     )
     total = rows[-1] if rows else {}
     tail = f"\nTotal parameters for all tasks: {total.get('params_multiple', float('nan')):.2f}x one backbone.\n"
+    if budget is not None:
+        tail += "\n" + budget_line(rows[:-1], budget) + "\n"
     return f"## {title}\n\n{head}{body}{tail}"
+
+
+def budget_line(rows: list[dict], budget: float) -> str:
+    """Whether every task row stores at most ``budget`` of the backbone, said in one line."""
+    over = [r for r in rows if r["task_params_pct"] > 100 * budget]
+    if not over:
+        largest = max(r["task_params_pct"] for r in rows)
+        return (f"Budget {100 * budget:.4g} % of the backbone per task: every task is within it "
+                f"(largest {largest:.2f} %); lambda column: each task's final lambda from the budget controller.")
+    return (f"Budget {100 * budget:.4g} % of the backbone per task: these weights are OVER BUDGET: "
+            + ", ".join(f"{r['task']} {r['task_params_pct']:.2f} %" for r in over)
+            + ". A budget run tests and exports the best checkpoint within budget when an epoch met it "
+            "(else it warns); train longer after the warm-up or raise --model.budget_rate.")
 
 
 def grouping_markdown(pl_module) -> str:
@@ -102,8 +123,13 @@ class ResultsReport(L.Callback):
         if not trainer.is_global_zero:
             return
         hp = pl_module.hparams
-        title = f"{hp.backbone}, mode={hp.mode}, lam={hp.lam} ({stage} set)"
-        text = format_markdown(rows, title) + grouping_markdown(pl_module)
+        budget = hp.get("budget")
+        setting = f"budget={budget}" if budget is not None else f"lam={hp.lam}"
+        penalty = getattr(pl_module, "penalty", "layers")
+        if pl_module.is_taps and penalty != "layers":
+            setting += f", penalty={penalty}"
+        title = f"{hp.backbone}, mode={hp.mode}, {setting} ({stage} set)"
+        text = format_markdown(rows, title, budget) + grouping_markdown(pl_module)
         folder = Path(log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(text)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger)
@@ -83,7 +83,7 @@ class TapsCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,  # last.ckpt comes from last_checkpoint(), after every epoch
             "checkpoint.filename": "best-{epoch:02d}",
             "checkpoint.auto_insert_metric_name": False,
             "trainer.max_epochs": 4,
@@ -103,6 +103,10 @@ class TapsCLI(LightningCLI):
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
+        if cfg.model.budget is not None and cfg.checkpoint.monitor == "val/acc":
+            # the best checkpoint (tested and exported) must meet the budget: rank by val/budget_acc,
+            # the accuracy when every task is within budget and below any accuracy when one is not
+            cfg.checkpoint.monitor = "val/budget_acc"
         if cfg.trainer.strategy == "ddp" and cfg.model.mode in ("memory_efficient", "progressive"):
             # these modes leave some parameters out of the graph in some epochs (deltas during the
             # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that
@@ -167,6 +171,9 @@ class TapsCLI(LightningCLI):
         return lock
 
     def after_instantiate_classes(self) -> None:
+        best = self.trainer.checkpoint_callback
+        if best is not None:
+            self.trainer.callbacks.append(last_checkpoint(best.dirpath))
         # normalise inputs as the backbone's weights expect (timm pretrained_cfg: 0.5/0.5 for the
         # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
         if hasattr(self.datamodule, "set_normalization"):
@@ -175,6 +182,13 @@ class TapsCLI(LightningCLI):
         # so that `--config <run>/config.yaml` starts a new run instead of reusing this folder.
         if getattr(self, "_logger_init", None) is not None:
             self._logger_init.version = self._given_version
+
+
+def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
+    """``last.ckpt`` after every epoch, what ``--ckpt_path last`` resumes from. Lightning 2.6
+    writes a monitored ``ModelCheckpoint``'s ``save_last`` file only when a new best is saved, so
+    a resume from it would silently go back to the best epoch and lose the epochs after it."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def main(args: list[str] | None = None) -> TapsCLI:
@@ -188,6 +202,13 @@ def _fit_and_test(cli: TapsCLI) -> None:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint never runs code
     trainer.fit(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    ckpt = trainer.checkpoint_callback
+    if model.budget_controller is not None and ckpt is not None and ckpt.monitor == "val/budget_acc":
+        score = ckpt.best_model_score
+        if score is not None and float(score) < 0:
+            rank_zero_warn(f"no epoch met --model.budget {model.hparams.budget} for every task; the best checkpoint "
+                           f"is the nearest miss ({-100 * float(score):.2f} points over). Train longer (more epochs "
+                           "after the warm-up) or raise --model.budget_rate")
     if cli.config.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, data, ckpt_path=best or None, verbose=False, weights_only=True)

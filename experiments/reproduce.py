@@ -1,18 +1,28 @@
 """``python -m experiments.reproduce``: accuracy against parameter cost on the offline benchmark.
 
-Trains, one after the other and seeded, the feature extractor, full fine-tuning, incremental
-TAPS at lambda 0.25 / 0.5 / 0.75, joint TAPS, memory-efficient TAPS, joint (multi-task)
-fine-tuning and progressive task-specific adapters on the embedded digit
-domains (``python -m experiments.fit`` defaults otherwise), tests each best checkpoint and
-writes ``docs/results.md`` in the layout of the paper's Tables 1 and 5, with the paper's own
-numbers quoted for reference. ``--seeds 0 1 2`` trains every row once per seed and reports the
-mean and the standard deviation over seeds. ``--quick`` runs a tiny version (for the tests).
+Trains, seeded, the feature extractor, full fine-tuning, incremental TAPS over a lambda sweep with
+the paper's per-layer penalty and with the parameter-weighted one, incremental TAPS at storage
+budgets of 10 to 40 % of the backbone, joint TAPS, memory-efficient TAPS, joint (multi-task)
+fine-tuning and progressive task-specific adapters on the embedded digit domains
+(``python -m experiments.fit`` defaults otherwise), tests each best checkpoint and writes
+``docs/results.md`` in the layout of the paper's Tables 1 and 5 (the paper's own numbers quoted for
+reference) and ``docs/pareto.png``, accuracy against stored fraction for the sweeps.
+
+``--seeds 0 1 2`` trains every row once per seed and reports the mean and the standard deviation
+over seeds. Every finished run is kept as ``<runs>/<row>-seed<N>.json``, so an interrupted
+reproduction continues where it stopped and the table and figure can be redrawn without training
+(``--no-train``). ``--jobs 2`` trains two runs at a time, each on half the CPU threads.
+``--quick`` runs a tiny version (for the tests).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,18 +32,33 @@ import torch
 
 from callbacks import ResultsReport
 
+LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
+BUDGETS = (0.1, 0.2, 0.3, 0.4)
 #: (label, extra flags) of every row.
 VARIANTS = [
     ("Feature extractor", ["--model.mode", "linear"]),
     ("Fine-tuning", ["--model.mode", "finetune"]),
-    ("TAPS incremental, lambda=0.25", ["--model.mode", "incremental", "--model.lam", "0.25"]),
-    ("TAPS incremental, lambda=0.5", ["--model.mode", "incremental", "--model.lam", "0.5"]),
-    ("TAPS incremental, lambda=0.75", ["--model.mode", "incremental", "--model.lam", "0.75"]),
+    *[(f"TAPS incremental, lambda={lam}", ["--model.mode", "incremental", "--model.lam", str(lam)]) for lam in LAMBDAS],
+    *[(f"TAPS incremental, params penalty, lambda={lam}",
+       ["--model.mode", "incremental", "--model.penalty", "params", "--model.lam", str(lam)]) for lam in LAMBDAS],
+    *[(f"TAPS incremental, budget={budget}", ["--model.mode", "incremental", "--model.budget", str(budget)])
+      for budget in BUDGETS],
+    ("TAPS incremental, budget=0.2, layers penalty",
+     ["--model.mode", "incremental", "--model.budget", "0.2", "--model.penalty", "layers"]),
     ("TAPS joint, lambda=0.5", ["--model.mode", "joint", "--model.lam", "0.5"]),
     ("TAPS memory-efficient, lambda=0.5", ["--model.mode", "memory_efficient", "--model.lam", "0.5",
                                            "--model.joint_epochs", "2", "--model.sparsity_warmup_epochs", "0"]),
     ("Joint fine-tuning", ["--model.mode", "joint_finetune"]),
     ("Progressive adapters (rank 8)", ["--model.mode", "progressive"]),
+]
+#: The figure's series: (name, row-label pattern, marker).
+SERIES = [
+    ("lambda sweep, per-layer penalty (paper)", r"^TAPS incremental, lambda=", "o"),
+    ("lambda sweep, parameter-weighted penalty", r"^TAPS incremental, params penalty, lambda=", "s"),
+    ("budget (parameter-weighted penalty)", r"^TAPS incremental, budget=[0-9.]+$", "^"),
+    ("budget 0.2, per-layer penalty", r"^TAPS incremental, budget=0.2, layers penalty$", "v"),
+    ("fine-tuning", r"^Fine-tuning$", "*"),
+    ("feature extractor", r"^Feature extractor$", "x"),
 ]
 QUICK = ["--trainer.max_epochs", "1", "--data.init_args.max_train_per_task", "32", "--trainer.limit_val_batches", "1",
          "--trainer.limit_test_batches", "1", "--model.joint_epochs", "0"]
@@ -63,6 +88,68 @@ def run_variant(extra: list[str], common: list[str], overrides: list[str], seed:
     return report.rows
 
 
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", label.lower()).strip("-")
+
+
+def run_file(runs: Path, label: str, seed: int, quick: bool) -> Path:
+    return runs / f"{_slug(label)}-seed{seed}{'-quick' if quick else ''}.json"
+
+
+def load_run(path: Path, flags: list[str]) -> list[dict] | None:
+    """A finished run's report rows, or ``None`` if there is none for exactly these flags."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["rows"] if record.get("flags") == flags else None
+
+
+def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict]:
+    """Train one row for one seed and keep its report rows (written atomically)."""
+    flags = dict(VARIANTS)[label]
+    common = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "reproduce"]
+    start = time.time()
+    rows = run_variant(flags, common, QUICK if quick else [], seed)
+    record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows,
+              "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine()}
+    path = run_file(runs, label, seed, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return rows
+
+
+def _train_missing(todo: list[tuple[str, int]], runs: Path, quick: bool, jobs: int) -> None:
+    """Train every (label, seed) in ``todo``: in this process, or ``jobs`` worker processes at a time."""
+    if jobs <= 1:
+        for label, seed in todo:
+            train_and_store(label, seed, runs, quick)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    runs.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(todo), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            label, seed = pending.pop(0)
+            cmd = [sys.executable, "-m", "experiments.reproduce", "--worker", label, "--seeds", str(seed),
+                   "--runs", str(runs)] + (["--quick"] if quick else [])
+            log = open(run_file(runs, label, seed, quick).with_suffix(".log"), "w")
+            running.append(((label, seed), subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(1)
+        for item in list(running):
+            key, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    failed.append(key)
+    if failed:
+        raise SystemExit(f"runs failed (see their .log files in {runs}): {failed}")
+
+
 def _mean_std(values: list[float], digits: int, suffix: str = "") -> str:
     """``mean`` for one run, ``mean ± std`` (sample standard deviation) over several."""
     mean = statistics.fmean(values)
@@ -72,8 +159,9 @@ def _mean_std(values: list[float], digits: int, suffix: str = "") -> str:
 
 
 def format_results(results: list[tuple[str, list[list[dict]]]], command: str, seconds: float,
-                   seeds: Sequence[int] = (0,)) -> str:
-    """Markdown table; ``results`` holds, per row label, the report rows of each seed's run."""
+                   seeds: Sequence[int] = (0,), machine: str | None = None) -> str:
+    """Markdown table; ``results`` holds, per row label, the report rows of each seed's run (a
+    row with fewer runs than ``seeds`` says how many it has)."""
     tasks = [r["task"] for r in results[0][1][0][:-1]]
     head = "| method | params (x backbone) | " + " | ".join(tasks) + " | mean | % task params (mean) | active layers (mean) |"
     rule = "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"
@@ -83,46 +171,142 @@ def format_results(results: list[tuple[str, list[list[dict]]]], command: str, se
         per_task = [[run[i]["accuracy"] for run in runs] for i in range(n)]
         pct = [sum(r["task_params_pct"] for r in run[:-1]) / n for run in runs]
         active = [sum(r["active_layers"] for r in run[:-1]) / n for run in runs]
+        shown = label if len(runs) == len(seeds) else f"{label} ({len(runs)} of {len(seeds)} seeds)"
         lines.append(
-            f"| {label} | {_mean_std([run[-1]['params_multiple'] for run in runs], 2, 'x')} | "
+            f"| {shown} | {_mean_std([run[-1]['params_multiple'] for run in runs], 2, 'x')} | "
             + " | ".join(f"{statistics.fmean(accs):.2f}" for accs in per_task)
             + f" | {_mean_std([run[-1]['accuracy'] for run in runs], 2)} | {_mean_std(pct, 1)} | "
             + f"{_mean_std(active, 1)} / {runs[0][0]['gated_layers']} |"
         )
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
+    machine = machine or f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
     runs = (f"seed {seeds[0]}, one run per row" if len(seeds) == 1 else
             f"seeds {', '.join(map(str, seeds))}: every figure is the mean over seeds, ± the standard deviation "
             "over seeds (per-task columns: means only)")
     return (
         "# Results on the embedded benchmark\n\n"
-        f"Command: `{command}` ({seconds / 60:.1f} min wall on {machine}); test split, best checkpoint "
+        f"Command: `{command}` ({seconds / 60:.1f} min of training on {machine}); test split, best checkpoint "
         f"by mean validation accuracy, {runs}.\n\n" + "\n".join(lines) + "\n\n"
         "Params: base plus every task's task-specific parameters (an adapter shared by several tasks counted once), in backbones (the paper's Params column). "
         "% task params: each task's own parameters (active deltas, norms, head) as % of the backbone.\n\n" + PAPER
     )
 
 
+def pareto_points(results: list[tuple[str, list[list[dict]]]]) -> dict[str, list[dict]]:
+    """Per figure series, one point per row: stored fraction (% of backbone, mean over tasks) and mean
+    accuracy, each as mean and standard deviation over seeds."""
+    points: dict[str, list[dict]] = {}
+    for name, pattern, _ in SERIES:
+        for label, runs in results:
+            if not re.search(pattern, label):
+                continue
+            x = [statistics.fmean(r["task_params_pct"] for r in run[:-1]) for run in runs]
+            y = [run[-1]["accuracy"] for run in runs]
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            points.setdefault(name, []).append({"label": label, "x": statistics.fmean(x), "x_sd": sd(x),
+                                                "y": statistics.fmean(y), "y_sd": sd(y), "n": len(runs)})
+    return points
+
+
+def draw_pareto(points: dict[str, list[dict]], path: Path, title: str) -> Path | None:
+    """Accuracy against stored fraction, error bars one standard deviation over seeds."""
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, _, marker in SERIES:
+        pts = sorted(points.get(name, []), key=lambda p: p["x"])
+        if not pts:
+            continue
+        ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts], xerr=[p["x_sd"] for p in pts],
+                    yerr=[p["y_sd"] for p in pts], marker=marker, capsize=3, label=name,
+                    linestyle="-" if len(pts) > 1 else "none")
+        for p in pts:
+            tag = re.search(r"(lambda|budget)=([0-9.]+)", p["label"])
+            if tag:
+                ax.annotate(("λ" if tag.group(1) == "lambda" else "F") + tag.group(2), (p["x"], p["y"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("stored per task (% of the backbone's parameters, mean over tasks)")
+    ax.set_ylabel("test accuracy (%, mean over tasks)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def pareto_markdown(points: dict[str, list[dict]], figure: Path | None) -> str:
+    if not points:
+        return ""
+    lines = ["", "## Accuracy against stored fraction", ""]
+    if figure is not None:
+        lines += [f"![accuracy vs stored fraction]({figure.name})", ""]
+    lines += ["| series | row | runs | stored (% of backbone) | accuracy (%) |", "|---|---|---:|---:|---:|"]
+    for name, pts in points.items():
+        for p in sorted(pts, key=lambda p: p["x"]):
+            lines.append(f"| {name} | {p['label']} | {p['n']} | {p['x']:.1f} ± {p['x_sd']:.1f} | "
+                         f"{p['y']:.2f} ± {p['y_sd']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--figure", default=None, help="accuracy vs stored fraction (default: pareto.png beside --out)")
+    parser.add_argument("--runs", default=None, help="folder of finished runs (default: runs/ beside --out)")
     parser.add_argument("--quick", action="store_true", help="tiny run for testing the pipeline")
     parser.add_argument("--only", nargs="*", default=None, help="row labels to run (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
                         help="train every row once per seed; the table shows mean ± standard deviation (default: 0)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cores/jobs threads")
+    parser.add_argument("--rerun", action="store_true", help="train again even where a finished run is kept")
+    parser.add_argument("--no-train", action="store_true", help="only redraw the table and figure from kept runs")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one (row, seed) in a child process
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only or ()) - {label for label, _ in VARIANTS})
+    labels = [label for label, _ in VARIANTS]
+    unknown = sorted(set(args.only or ()) - set(labels) | ({args.worker} - set(labels) if args.worker else set()))
     if unknown:
-        parser.error(f"--only: unknown row(s) {unknown}; rows are {[label for label, _ in VARIANTS]}")
-    common = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "reproduce"]
-    overrides = QUICK if args.quick else []
-    start = time.time()
-    results = [(label, [run_variant(extra, common, overrides, seed) for seed in args.seeds])
-               for label, extra in VARIANTS if args.only is None or label in args.only]
+        parser.error(f"unknown row(s) {unknown}; rows are {labels}")
+    out = Path(args.out)
+    runs = Path(args.runs) if args.runs else out.parent / "runs"
+    if args.worker:
+        train_and_store(args.worker, args.seeds[0], runs, args.quick)
+        return runs
+    chosen = [label for label in labels if args.only is None or label in args.only]
+    flags = dict(VARIANTS)
+    todo = [(label, seed) for seed in args.seeds for label in chosen  # seed-major: every row once first
+            if args.rerun or load_run(run_file(runs, label, seed, args.quick), flags[label]) is None]
+    if todo and not args.no_train:
+        _train_missing(todo, runs, args.quick, args.jobs)
+    results, records = [], []
+    for label in chosen:
+        found = []
+        for seed in args.seeds:
+            path = run_file(runs, label, seed, args.quick)
+            if load_run(path, flags[label]) is not None:
+                found.append(json.loads(path.read_text()))
+        if found:
+            results.append((label, [r["rows"] for r in found]))
+            records += found
+    if not results:
+        raise SystemExit(f"no finished runs in {runs}; run without --no-train first")
     command = ("python -m experiments.reproduce" + (" --quick" if args.quick else "")
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
-    out = Path(args.out)
+    threads = sorted({r.get("threads") for r in records})
+    machine = (f"{records[0].get('machine', platform.machine())}, {'/'.join(map(str, threads))} thread(s) per run, "
+               f"torch {records[0].get('torch', torch.__version__)}, CPU")
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    points = pareto_points(results)
+    figure = draw_pareto(points, Path(args.figure) if args.figure else out.parent / "pareto.png",
+                         f"{len(args.seeds)} seed(s); error bars: one standard deviation over seeds")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(format_results(results, command, time.time() - start, args.seeds))
+    out.write_text(format_results(results, command, seconds, args.seeds, machine) + pareto_markdown(points, figure))
     print(out.read_text())
     return out
 

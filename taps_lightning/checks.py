@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["check_training_settings", "normalize_sha256"]
+__all__ = ["PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: ``--model.penalty`` values: the paper's per-layer penalty, and one weighted by layer size.
+PENALTIES = ("layers", "params")
 
 
 def normalize_sha256(value: str | None) -> str | None:
@@ -32,7 +34,8 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                             momentum: float, weight_decay: float, score_lr: float | None,
                             sparsity_warmup_epochs: int, joint_epochs: int, adapter_rank: int,
                             num_stages: int, similarity_batches: int, penalty_divisor: float | None = None,
-                            cosine_epochs: int | None = None) -> None:
+                            cosine_epochs: int | None = None, penalty: str = "layers",
+                            budget: float | None = None, budget_rate: float = 0.05) -> None:
     """Raise ``ValueError`` listing every out-of-range training setting.
 
     Args:
@@ -61,6 +64,17 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
          f"--model.penalty_divisor must be > 0 (or null for L, the number of gated layers), got {penalty_divisor}")
     need(cosine_epochs is None or (isinstance(cosine_epochs, int) and cosine_epochs >= 1),
          f"--model.cosine_epochs must be an integer >= 1 (or null for --trainer.max_epochs), got {cosine_epochs}")
+    need(penalty in PENALTIES, f"--model.penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
+    need(penalty_divisor is None or penalty != "params",
+         "--model.penalty_divisor replaces L in the 'layers' penalty; --model.penalty params (the default with "
+         "--model.budget) weights each layer by its share of the gated parameters and takes no divisor (drop the "
+         "divisor, or pass --model.penalty layers)")
+    need(budget is None or (_finite(budget) and 0 < budget <= 1),
+         f"--model.budget is the fraction of the backbone each task may store, in (0, 1] (0.2 = 20 %), got {budget}")
+    need(_finite(budget_rate) and budget_rate > 0, f"--model.budget_rate must be a finite number > 0, got {budget_rate}")
+    need(budget is None or taps,
+         "--model.budget needs a mode that learns TAPS gates (incremental, joint, memory_efficient); "
+         "the other modes store a fixed size per task")
     if taps:
         need(_finite(lam) and lam >= 0,
              f"--model.lam must be a finite number >= 0 (a negative lambda rewards large scores), got {lam}")
@@ -75,3 +89,16 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                 "would be a linear probe. Use score_init >= threshold (paper: 0.15 and 0.1), or --model.mode linear")
     if problems:
         raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
+    """Refuse a budget below what some task stores with every layer shared: its norms and head
+    (``minimum``: ``{task: fraction}``), naming the smallest budget that can be met."""
+    below = {task: f for task, f in minimum.items() if f > budget}
+    if below:
+        need = max(minimum.values())
+        raise ValueError(
+            f"--model.budget {budget} is below what a task stores with no task-specific layer at all (its norms "
+            "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
+            + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "
+            f"use --model.budget {math.ceil(need * 1e4) / 1e4} or more")

@@ -195,12 +195,26 @@ class TapsModel(MultiTaskModel):
         scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
         return OrderedDict(zip(names, gate_open(scores, self.threshold).tolist()))
 
-    def regularizer(self, task: str, divisor: float | None = None) -> Tensor:
-        """``sum_i |s_i| / L`` (``L`` = gated layers, or ``divisor``): the paper's sparsity
-        penalty before ``lambda`` (Eq. 3). Differentiable in the scores."""
+    def regularizer(self, task: str, divisor: float | None = None, penalty: str = "layers") -> Tensor:
+        """The sparsity penalty before ``lambda``. Differentiable in the scores.
+
+        ``penalty="layers"`` is the paper's ``sum_i |s_i| / L`` (Eq. 3; ``L`` = gated layers, or
+        ``divisor``): every layer costs the same. ``"params"`` is ``sum_i (n_i / N) |s_i|``, each
+        score weighted by its layer's share of the gated weights (``n_i`` of ``N``), so that a layer
+        costs what it would store. Both weightings sum to 1 over the layers, so equal scores give
+        equal penalties and the same ``lambda`` means a comparable pull.
+        """
         self._check_task(task)
-        scores = [layer.taps_score[task] for _, layer in self.taps_layers()]
-        return torch.stack(scores).abs().sum() / (divisor or len(scores))
+        layers = [layer for _, layer in self.taps_layers()]
+        scores = torch.stack([layer.taps_score[task] for layer in layers])
+        if penalty == "layers":
+            return scores.abs().sum() / (divisor or len(layers))
+        if penalty != "params":
+            raise ValueError(f"unknown penalty {penalty!r}; choose 'layers' (the paper's) or 'params'")
+        if divisor is not None:
+            raise ValueError("a penalty divisor applies to penalty='layers' only (it replaces L)")
+        sizes = torch.tensor([layer.base_layer.weight.numel() for layer in layers], dtype=torch.float64)
+        return (scores.abs() * (sizes / sizes.sum()).to(scores)).sum()
 
     def task_cost(self, task: str) -> dict[str, float]:
         """Parameter cost of ``task`` (see :meth:`MultiTaskModel.task_cost`): the weights of its

@@ -41,11 +41,14 @@ class Mode:
         """First epoch in which gates train."""
         return 0
 
+    def penalty_active(self, epoch: int) -> bool:
+        """Whether the sparsity penalty applies at ``epoch``: in modes with gates, once the
+        sparsity warm-up is over."""
+        return self.learns_gates and epoch >= self.taps_start_epoch() + self.hp["sparsity_warmup_epochs"]
+
     def penalty_weight(self, epoch: int) -> float:
         """``lambda`` at ``epoch``: 0 before the sparsity warm-up ends, and in modes without gates."""
-        if not self.learns_gates or epoch < self.taps_start_epoch() + self.hp["sparsity_warmup_epochs"]:
-            return 0.0
-        return self.hp["lam"]
+        return self.hp["lam"] if self.penalty_active(epoch) else 0.0
 
     def enter_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         """Called at setup and at every training epoch's start."""

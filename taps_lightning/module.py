@@ -18,11 +18,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .checks import check_training_settings, normalize_sha256
+from .budget import DEFAULT_BUDGET_RATE, BudgetController, enforce_budget
+from .checks import check_budget_reachable, check_training_settings, normalize_sha256
 from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, create_mode
@@ -61,6 +63,18 @@ class TapsModule(L.LightningModule):
             ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity).
         lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|``.
         penalty_divisor: divide ``sum |s|`` by this instead of ``L`` (the authors' script: 52).
+        penalty: ``layers`` (the paper's ``(1/L) sum |s_i|``: every layer costs the same) or
+            ``params`` (``sum (n_i/N) |s_i|``: each layer costs its share of the gated weights).
+            Default: ``params`` with a ``budget`` (the Lagrangian of "stored fraction <= budget"
+            is exactly that sum), ``layers`` without.
+        budget: storage budget ``F`` in (0, 1]: the fraction of the backbone's parameters each
+            task may store. ``lambda`` then becomes per task and is adjusted every step by dual
+            ascent (:class:`~taps_lightning.budget.BudgetController`, from 0 when the warm-up
+            ends; ``lam`` is not used) so that each task ends at most at ``F``; at each epoch's
+            end an over-budget task's lowest-score layers are switched off
+            (:func:`~taps_lightning.budget.enforce_budget`), and checkpoints are ranked by
+            ``val/budget_acc``, which puts every epoch over budget below every epoch within it.
+        budget_rate: dual-ascent step: ``lambda`` added per step per unit of fraction over budget.
         threshold: ``tau``.
         score_init: initial layer score (above ``tau``: every layer starts task-specific).
         sparsity_warmup_epochs: epochs of TAPS training before the penalty starts (3: the authors'
@@ -108,6 +122,9 @@ class TapsModule(L.LightningModule):
         scheduler: str = "cosine",
         cosine_epochs: int | None = None,
         penalty_divisor: float | None = None,
+        penalty: str | None = None,
+        budget: float | None = None,
+        budget_rate: float = DEFAULT_BUDGET_RATE,
         pretrained: bool = False,
         weights: str | None = None,
         weights_sha256: str | None = None,
@@ -124,13 +141,16 @@ class TapsModule(L.LightningModule):
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not tasks:
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
+        if penalty is None:
+            penalty = "params" if budget is not None else "layers"
         if scheduler not in ("cosine", "cosine_step", "none"):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' (per epoch), 'cosine_step' or 'none'")
         check_training_settings(
             taps=mode in TAPS_MODES, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
             weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
             joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
-            similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs)
+            similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs,
+            penalty=penalty, budget=budget, budget_rate=budget_rate)
         weights_sha256 = normalize_sha256(weights_sha256)
         self.save_hyperparameters()
         if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
@@ -141,6 +161,16 @@ class TapsModule(L.LightningModule):
         self.tasks = dict(tasks)
         self.mode = create_mode(mode, self.hparams)
         self.model = self.mode.build(net, self.tasks)
+        #: ``layers`` or ``params``, resolved (``hparams.penalty`` keeps what was given, maybe None).
+        self.penalty = penalty
+        self.budget_controller: BudgetController | None = None
+        if budget is not None:
+            minimum = {}
+            for task in self.tasks:
+                cost = self.model.task_cost(task)
+                minimum[task] = (cost["norm_params"] + cost["head_params"]) / cost["base_params"]
+            check_budget_reachable(budget, minimum)
+            self.budget_controller = BudgetController(self.tasks, budget, 0.0, budget_rate)
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
         self._nonfinite: dict[str, Tensor] = {}
@@ -167,8 +197,38 @@ class TapsModule(L.LightningModule):
         return self.mode.taps_start_epoch()
 
     def lam_now(self) -> float:
-        """``lam`` once the sparsity warm-up is over, else 0."""
+        """``lam`` once the sparsity warm-up is over, else 0 (with a budget: see :meth:`task_lam`)."""
         return self.mode.penalty_weight(self.current_epoch)
+
+    def task_lam(self, task: str) -> float | None:
+        """The ``lambda`` ``task`` trains with: the budget controller's (its last value), or
+        ``lam``; ``None`` in modes without gates."""
+        if not self.is_taps:
+            return None
+        return self.budget_controller.lam[task] if self.budget_controller is not None else float(self.hparams.lam)
+
+    def within_budget(self) -> dict[str, bool] | None:
+        """``{task: stores at most the budget}`` under the current gates; ``None`` without a budget."""
+        if self.budget_controller is None:
+            return None
+        return {t: self.budget_controller.meets(float(self.task_cost(t)["fraction"])) for t in self.tasks}
+
+    def _step_lams(self, tasks) -> dict[str, float]:
+        """Each task's ``lambda`` for this step. With a budget, the controller first takes one
+        dual-ascent step from the current fractions (once the penalty applies), and both are
+        logged per step as ``taps/<task>/lam`` and ``taps/<task>/task_params_fraction``."""
+        if self.budget_controller is None:
+            lam = self.lam_now()
+            return {task: lam for task in tasks}
+        fractions = {task: float(self.task_cost(task)["fraction"]) for task in tasks}
+        if self.mode.penalty_active(self.current_epoch):
+            lams = self.budget_controller.update(fractions)
+        else:
+            lams = {task: 0.0 for task in tasks}
+        for task in tasks:
+            self.log(f"taps/{task}/lam", lams[task], on_step=True, on_epoch=False, batch_size=1)
+            self.log(f"taps/{task}/task_params_fraction", fractions[task], on_step=True, on_epoch=False, batch_size=1)
+        return lams
 
     # -- Lightning hooks -------------------------------------------------------------------
     def _datamodule(self):
@@ -199,14 +259,15 @@ class TapsModule(L.LightningModule):
         return self.model(x, task)
 
     def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        lam = self.lam_now()
+        lams = self._step_lams(list(batch))
+        hp = self.hparams
         losses, sparsities = {}, []
         for task, (x, y) in batch.items():
             loss = F.cross_entropy(self.model(x, task), y)
-            penalty = self.model.regularizer(task, self.hparams.penalty_divisor) if self.is_taps else None
+            penalty = self.model.regularizer(task, hp.penalty_divisor, self.penalty) if self.is_taps else None
             if penalty is not None:
                 sparsities.append(penalty.detach())
-                loss = loss + lam * penalty
+                loss = loss + lams[task] * penalty
             losses[task] = loss
         stacked = torch.stack(list(losses.values()))
         if not bool(torch.isfinite(stacked).all()):
@@ -228,7 +289,8 @@ class TapsModule(L.LightningModule):
         if sparsities:
             self.log("train/sparsity", torch.stack(sparsities).mean(), on_step=False, on_epoch=True, batch_size=bs,
                      sync_dist=True)
-            self.log("train/lam", lam, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log("train/lam", sum(lams.values()) / len(lams), on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
         return total
 
     def on_train_epoch_end(self) -> None:
@@ -236,6 +298,29 @@ class TapsModule(L.LightningModule):
                                       lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         if message:
             rank_zero_info(message)
+
+    # -- budgets: every state fit validates or checkpoints meets the budget ----------------
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # the epoch's last batch: before validation and ModelCheckpoint see the weights (Lightning
+        # runs both before the module's on_train_epoch_end)
+        if self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches:
+            self._enforce_budget()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            self._enforce_budget()  # also a mid-epoch validation (--trainer.val_check_interval)
+
+    def _enforce_budget(self) -> None:
+        """Switch off each over-budget task's lowest-score layers (:func:`enforce_budget`) once
+        the penalty applies. The scores are the same on every rank, so every rank switches off
+        the same layers."""
+        if self.budget_controller is None or not self.mode.penalty_active(self.current_epoch):
+            return
+        for task in self.tasks:
+            dropped = enforce_budget(self.model, task, self.budget_controller.budget)
+            if dropped:
+                rank_zero_info(f"TAPS | budget: {task} was over {100 * self.budget_controller.budget:.4g} %; switched off "
+                               f"{len(dropped)} layer(s) with the lowest scores: {', '.join(dropped)}")
 
     def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
         x, y = batch
@@ -290,10 +375,18 @@ class TapsModule(L.LightningModule):
         if accs:
             self.log(f"{stage}/acc", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True)
         if self.is_taps:
+            fractions = {}
             for task in self.tasks:
                 cost = self.task_cost(task)
+                fractions[task] = float(cost["fraction"])
                 self.log(f"{stage}/{task}/active_layers", float(cost["active_layers"]), sync_dist=True)
-                self.log(f"{stage}/{task}/task_params_fraction", float(cost["fraction"]), sync_dist=True)
+                self.log(f"{stage}/{task}/task_params_fraction", fractions[task], sync_dist=True)
+            if self.budget_controller is not None and accs:
+                # what ModelCheckpoint ranks in budget runs: the accuracy when every task is within
+                # budget, else minus the largest excess (below any accuracy; the nearest miss ranks first)
+                excess = max(f - self.budget_controller.budget for f in fractions.values())
+                score = torch.stack(list(accs.values())).mean() if excess <= 0 else torch.tensor(-excess, device=self.device)
+                self.log(f"{stage}/budget_acc", score, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracies(self.val_acc, "val")
@@ -348,10 +441,15 @@ class TapsModule(L.LightningModule):
         # The global RNG drives shuffling and augmentation: restoring it makes a resumed run
         # continue exactly as an uninterrupted one (single process, num_workers=0).
         checkpoint["taps_rng_state"] = torch.get_rng_state()
+        if self.budget_controller is not None:  # per-task lambdas: a resumed run continues the controller
+            checkpoint["taps_budget"] = self.budget_controller.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "taps_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["taps_rng_state"])
+        if self.budget_controller is not None and "taps_budget" in checkpoint:
+            # lambdas and steps carry on; the settings are this run's (a changed budget is warned about below)
+            self.budget_controller.load_state_dict(checkpoint["taps_budget"])
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("backbone", "mode", "tasks", "threshold"):
             if key in saved and saved[key] != self.hparams[key]:

@@ -116,7 +116,7 @@ class MultiTaskModel(nn.Module):
         """Parameters of ``task`` alone (or of every task)."""
         raise NotImplementedError
 
-    def regularizer(self, task: str) -> Tensor | None:
+    def regularizer(self, task: str, divisor: float | None = None, penalty: str = "layers") -> Tensor | None:
         """The task's extra loss term before its weight (TAPS: the sparsity penalty); ``None``: none."""
         return None
 

@@ -54,6 +54,26 @@ def test_reproduce_quick_writes_the_table(tmp_path, monkeypatch):
     assert row.count(" ± ") == 4  # params, mean accuracy, % task params, active layers
 
 
+@pytest.mark.slow
+def test_reproduce_keeps_each_run_and_redraws_without_training(tmp_path, monkeypatch):
+    """Two worker processes at once; each finished run is kept, so a second call trains nothing
+    and redraws the same table and the accuracy-vs-stored-fraction figure."""
+    monkeypatch.setenv("TAPS_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    rows = ["TAPS incremental, params penalty, lambda=0.5", "TAPS incremental, budget=0.2"]
+    out = reproduce.main(["--quick", "--out", str(tmp_path / "docs" / "results.md"), "--only", *rows, "--jobs", "2"])
+    kept = sorted(p.name for p in (tmp_path / "docs" / "runs").glob("*.json"))
+    assert kept == ["taps-incremental-budget-0.2-seed0-quick.json",
+                    "taps-incremental-params-penalty-lambda-0.5-seed0-quick.json"]
+    first = out.read_text()
+    assert all(f"| {row} |" in first for row in rows) and "thread(s) per run" in first
+    assert "![accuracy vs stored fraction](pareto.png)" in first
+    assert (tmp_path / "docs" / "pareto.png").stat().st_size > 1000
+    monkeypatch.setattr(reproduce, "run_variant", lambda *a, **k: pytest.fail("a kept run was trained again"))
+    assert reproduce.main(["--quick", "--out", str(out), "--only", *rows]).read_text() == first
+    assert reproduce.main(["--quick", "--out", str(out), "--only", *rows, "--no-train"]).read_text() == first
+
+
 def test_reproduce_table_reports_mean_and_spread_over_seeds():
     def run(accs, multiple, active):
         rows = [{"task": t, "accuracy": a, "task_params_pct": 10.0, "active_layers": active, "gated_layers": 52}

@@ -180,3 +180,17 @@ def test_refused_resume_keeps_the_runs_config_and_bad_checkpoints_are_named(in_t
     assert sorted(p.name for p in (in_tmp / "logs" / "taps").iterdir()) == ["version_0"]  # no folder for them
     with pytest.raises(SystemExit):  # LightningCLI's own optimiser flags would bypass TapsModule's
         main(TINY + ["--optimizer", "Adam"])
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_earlier(in_tmp):
+    """Lightning 2.6 writes a monitored ModelCheckpoint's last.ckpt only with a new best; fit's own
+    last.ckpt must still be the final epoch, or ``--ckpt_path last`` would go back in time."""
+    import torch
+
+    from experiments.fit import main
+
+    main(TINY + ["--trainer.max_epochs", "3", "--checkpoint.monitor", "epoch", "--checkpoint.mode", "min"])
+    folder = in_tmp / "logs" / "taps" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-00.ckpt", "last.ckpt"]
+    assert torch.load(folder / "best-00.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
