@@ -34,13 +34,16 @@ class BudgetController:
     - ``f > budget``: ``lambda += rate * e`` with ``e = min(1, (f - budget) / budget)``
       (over budget: press harder);
     - ``budget - band <= f <= budget``: ``lambda`` is held (within budget and not far below);
-    - ``f < budget - band``: ``lambda += rate * e`` with ``e = max(-1, (f - (budget - band)) / budget)``
-      (too far below: ease off, never under 0, so layers that pay their way can switch back on).
+    - ``f < budget - band``: ``lambda += rate * e`` with ``e = max(-1, (f - (budget - band)) / band)``
+      (too far below: ease off quickly, never under 0, so layers that pay their way can switch
+      back on; a layer once off rarely returns, its delta frozen, so waste is undone early).
 
-    The error is relative to the budget, so a 10 % budget overshot by 10 points is pressed as
-    hard as a 40 % budget overshot by 40, and saturates at 1, so the first steps after the
-    warm-up (every layer on) do not wind ``lambda`` up before the gates can respond. The band
-    lets ``lambda`` settle instead of chasing every flicker of a gate near the threshold. The gates still flicker, so a run is held to
+    Over budget the error is relative to the budget, so a 10 % budget overshot by 10 points is
+    pressed as hard as a 40 % budget overshot by 40, and saturates at 1, so the first steps after
+    the warm-up (every layer on) do not wind ``lambda`` up before the gates can respond. The band
+    lets ``lambda`` settle instead of chasing every flicker of a gate near the threshold, and the
+    step size halves each time the error changes side (an overshoot) and grows back by 5 % a
+    step, up to ``rate``, while it keeps its side. The gates still flicker, so a run is held to
     its ceiling by :func:`enforce_budget` at the end of every epoch, not by the controller alone.
 
     Args:
@@ -68,7 +71,7 @@ class BudgetController:
         for task, fraction in fractions.items():
             floor = self.budget - self.band
             error = fraction - self.budget if fraction > self.budget else min(0.0, fraction - floor)
-            relative = max(-1.0, min(1.0, error / self.budget))
+            relative = max(-1.0, min(1.0, error / (self.budget if error > 0 else self.band)))
             side = (relative > 0) - (relative < 0)
             if side:
                 if side == -self.side[task]:  # crossed the band: damp the oscillation between two gate sets

@@ -20,11 +20,12 @@ def test_controller_steps_are_dual_ascent_with_a_hold_band():
     c = BudgetController(["a", "b", "c", "d"], budget=0.2, lam_init=1.0, rate=0.1, band=0.05)
     lams = c.update({"a": 0.3, "b": 0.18, "c": 0.05, "d": 0.9})
     # a: 0.1 over a 0.2 budget -> relative error 0.5; b: inside [0.15, 0.2] -> held;
-    # c: 0.10 below the band's floor 0.15 -> -0.5; d: 0.7 over -> relative 3.5, saturated at 1
-    assert lams == pytest.approx({"a": 1.05, "b": 1.0, "c": 0.95, "d": 1.1})
+    # c: 0.10 below the band's floor 0.15, relative to the 0.05 band -> -2, saturated at -1;
+    # d: 0.7 over -> relative 3.5, saturated at 1
+    assert lams == pytest.approx({"a": 1.05, "b": 1.0, "c": 0.9, "d": 1.1})
     for _ in range(30):  # far below budget for long: lambda falls to 0 and stays there
         lams = c.update({"a": 0.0, "b": 0.2, "c": 0.2, "d": 0.2})
-    assert lams == pytest.approx({"a": 0.0, "b": 1.0, "c": 0.95, "d": 1.1})  # b, c, d at the budget: held
+    assert lams == pytest.approx({"a": 0.0, "b": 1.0, "c": 0.9, "d": 1.1})  # b, c, d at the budget: held
     assert c.steps == 31
     assert c.meets(0.2) and not c.meets(0.2000001)
 
@@ -285,3 +286,13 @@ def test_every_validated_and_checkpointed_state_meets_the_budget(mode, tmp_path)
     steps_per_epoch = len(spy.seen) // 4
     assert all(lams == {"a": 0.0, "b": 0.0} for _, lams in spy.seen[:start * steps_per_epoch])  # 0 in the warm-up
     assert any(lams != {"a": 0.0, "b": 0.0} for _, lams in spy.seen[start * steps_per_epoch:])
+
+
+def test_step_size_halves_on_an_overshoot_and_grows_back():
+    c = BudgetController(["a"], budget=0.2, lam_init=1.0, rate=0.1, band=0.02)
+    c.update({"a": 0.4})  # over: +0.1 * 1
+    c.update({"a": 0.1})  # under the floor 0.18 by 0.08 (relative to the band: -4 -> -1), side changed: step 0.05
+    assert c.lam["a"] == pytest.approx(1.1 - 0.05) and c.step_size["a"] == pytest.approx(0.05)
+    c.update({"a": 0.19})  # in the band: held, step size kept
+    c.update({"a": 0.17})  # under again, same side as before: step 0.05 * 1.05, error (0.17 - 0.18) / 0.02
+    assert c.step_size["a"] == pytest.approx(0.0525) and c.lam["a"] == pytest.approx(1.05 - 0.0525 * 0.5)
