@@ -171,9 +171,10 @@ class TapsCLI(LightningCLI):
         return lock
 
     def after_instantiate_classes(self) -> None:
-        best = self.trainer.checkpoint_callback
+        trainer = getattr(self, "trainer", None)  # experiments.predict builds none
+        best = trainer.checkpoint_callback if trainer is not None else None
         if best is not None:
-            self.trainer.callbacks.append(last_checkpoint(best.dirpath))
+            trainer.callbacks.append(last_checkpoint(best.dirpath))
         # normalise inputs as the backbone's weights expect (timm pretrained_cfg: 0.5/0.5 for the
         # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
         if hasattr(self.datamodule, "set_normalization"):
