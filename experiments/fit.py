@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .runs import RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
+from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
 #: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
 DEFAULT_SAVE_DIR = "logs"
@@ -155,6 +156,8 @@ class TapsCLI(LightningCLI):
         run_dir = runs / (init.version if isinstance(init.version, str) else f"version_{init.version}")
         check_writable(run_dir, "the run folder")
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            self._new_run_dir = run_dir
         try:
             lock = RunLock(run_dir).acquire()
             if resuming:  # only now: a live run may be writing its last.ckpt
@@ -169,6 +172,23 @@ class TapsCLI(LightningCLI):
         check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)", flag)
         check_writable(ckpt_dir / "adapters", "the adapter folder", flag)
         return lock
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self._discard_empty_run_folder()
+            raise
+
+    def _discard_empty_run_folder(self) -> None:
+        """A run refused while building its model or data (bad settings) leaves no folder behind:
+        the claimed one is removed if it holds nothing but the lock file."""
+        run_dir = getattr(self, "_new_run_dir", None)
+        if run_dir is None or self.run_lock is None:
+            return
+        self.run_lock.release()
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def after_instantiate_classes(self) -> None:
         trainer = getattr(self, "trainer", None)  # experiments.predict builds none

@@ -194,3 +194,13 @@ def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_earlier(in_tmp)
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-00.ckpt", "last.ckpt"]
     assert torch.load(folder / "best-00.ckpt", weights_only=True)["epoch"] == 0
     assert torch.load(folder / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_a_run_refused_while_building_leaves_no_folder(in_tmp):
+    from experiments.fit import main
+
+    with pytest.raises(ValueError, match="--model.budget"):
+        main(TINY + ["--model.budget", "0.0001"])  # below what the norms and head take
+    assert not list((in_tmp / "logs" / "taps").glob("version_*"))
+    main(TINY)  # the next run still gets version_0
+    assert [p.name for p in (in_tmp / "logs" / "taps").iterdir()] == ["version_0"]
