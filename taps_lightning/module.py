@@ -61,7 +61,7 @@ class TapsModule(L.LightningModule):
             TAPS on that base), ``finetune`` (a full copy per task), ``linear`` (frozen
             feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads),
             ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity).
-        lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|``.
+        lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|`` (not used with a ``budget``).
         penalty_divisor: divide ``sum |s|`` by this instead of ``L`` (the authors' script: 52).
         penalty: ``layers`` (the paper's ``(1/L) sum |s_i|``: every layer costs the same) or
             ``params`` (``sum (n_i/N) |s_i|``: each layer costs its share of the gated weights).
@@ -248,7 +248,9 @@ class TapsModule(L.LightningModule):
         t = self.trainer
         rank_zero_info(
             f"TAPS | backbone={self.hparams.backbone} mode={self.hparams.mode} tasks={self.tasks} "
-            f"lam={self.hparams.lam} device={self.device.type} x{t.world_size} precision={t.precision} "
+            + (f"budget={self.hparams.budget} " if self.budget_controller is not None else f"lam={self.hparams.lam} ")
+            + (f"penalty={self.penalty} " if self.is_taps else "")
+            + f"device={self.device.type} x{t.world_size} precision={t.precision} "
             f"epochs={t.max_epochs}"
         )
 
