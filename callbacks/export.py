@@ -36,7 +36,7 @@ class TaskExport(L.Callback):
             # a budget run exports only weights that meet the budget: the tested (best) ones follow
             rank_zero_info(f"TAPS | adapters not written for the final weights: over the budget for "
                            f"{', '.join(t for t, ok in within.items() if not ok)}; the best checkpoint's are "
-                           "written after test (or save_task from best-*.ckpt: README, Export and merge)")
+                           "written after test (with --test false: save_task from best-*.ckpt, README: Export and merge)")
             return
         if trainer.is_global_zero:
             names = getattr(trainer.datamodule, "class_names", None)  # stored so predictions can be named

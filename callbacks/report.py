@@ -84,7 +84,8 @@ def budget_line(rows: list[dict], budget: float) -> str:
     if not over:
         largest = max(r["task_params_pct"] for r in rows)
         return (f"Budget {100 * budget:.4g} % of the backbone per task: every task is within it "
-                f"(largest {largest:.2f} %); lambda column: each task's final lambda from the budget controller.")
+                f"(largest {largest:.2f} %); lambda column: each task's lambda from the budget controller when these "
+                "weights were saved.")
     return (f"Budget {100 * budget:.4g} % of the backbone per task: these weights are OVER BUDGET: "
             + ", ".join(f"{r['task']} {r['task_params_pct']:.2f} %" for r in over)
             + ". A budget run tests and exports the best checkpoint within budget when an epoch met it "

@@ -108,6 +108,11 @@ class TapsCLI(LightningCLI):
             # the best checkpoint (tested and exported) must meet the budget: rank by val/budget_acc,
             # the accuracy when every task is within budget and below any accuracy when one is not
             cfg.checkpoint.monitor = "val/budget_acc"
+        elif cfg.model.budget is None and cfg.checkpoint.monitor == "val/budget_acc":
+            cfg.checkpoint.monitor = "val/acc"  # e.g. --config of a budget run with --model.budget null
+        elif cfg.model.budget is not None and cfg.checkpoint.monitor != "val/budget_acc":
+            print(f"TAPS | --checkpoint.monitor {cfg.checkpoint.monitor}: the best checkpoint is not chosen by "
+                  "val/budget_acc, so it may be over --model.budget", file=sys.stderr)
         if cfg.trainer.strategy == "ddp" and cfg.model.mode in ("memory_efficient", "progressive"):
             # these modes leave some parameters out of the graph in some epochs (deltas during the
             # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that

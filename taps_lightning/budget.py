@@ -49,14 +49,23 @@ class BudgetController:
     Args:
         tasks: task names.
         budget: ``F`` in (0, 1], a fraction of the backbone's parameters.
-        lam_init: every task's ``lambda`` when the penalty starts (``--model.lam``).
+        lam_init: every task's ``lambda`` when the penalty starts (``TapsModule`` starts at 0).
         rate: step size of the dual ascent.
         band: width of the hold band under ``budget``.
+        minimum: ``{task: fraction}`` a task stores with every layer shared (its norms and head);
+            a task there is never pressed (its error counts as far below), even when the band
+            reaches under it.
     """
 
     def __init__(self, tasks: Iterable[str], budget: float, lam_init: float,
-                 rate: float = DEFAULT_BUDGET_RATE, band: float = DEFAULT_BUDGET_BAND) -> None:
+                 rate: float = DEFAULT_BUDGET_RATE, band: float = DEFAULT_BUDGET_BAND,
+                 minimum: Mapping[str, float] | None = None) -> None:
+        if not 0 < budget <= 1 or not rate > 0 or not 0 < band < 1 or not lam_init >= 0:
+            raise ValueError(f"BudgetController needs 0 < budget <= 1, rate > 0, 0 < band < 1 and lam_init >= 0; "
+                             f"got budget={budget}, rate={rate}, band={band}, lam_init={lam_init}")
         self.budget, self.rate, self.band = float(budget), float(rate), float(band)
+        #: what each task stores with no task-specific layer (norms and head): at it, lambda only eases
+        self.minimum = dict(minimum or {})
         self.lam = {task: float(lam_init) for task in tasks}
         self.step_size = {task: self.rate for task in self.lam}  # shrinks when the error changes side
         self.side = {task: 0 for task in self.lam}  # side of the last error outside the band: +1 over, -1 under
@@ -72,6 +81,8 @@ class BudgetController:
             floor = self.budget - self.band
             error = fraction - self.budget if fraction > self.budget else min(0.0, fraction - floor)
             relative = max(-1.0, min(1.0, error / (self.budget if error > 0 else self.band)))
+            if fraction <= self.minimum.get(task, -1.0) and fraction <= self.budget:
+                relative = -1.0  # nothing left to switch off: ease off at full step
             side = (relative > 0) - (relative < 0)
             if side:
                 if side == -self.side[task]:  # crossed the band: damp the oscillation between two gate sets
@@ -94,7 +105,7 @@ class BudgetController:
         if set(state["lam"]) != set(self.lam):
             raise ValueError(f"budget controller state has tasks {sorted(state['lam'])}, this run {sorted(self.lam)}")
         self.lam = {task: float(state["lam"][task]) for task in self.lam}
-        self.step_size = {task: float(state["step_size"][task]) for task in self.lam}
+        self.step_size = {task: min(self.rate, float(state["step_size"][task])) for task in self.lam}
         self.side = {task: int(state["side"][task]) for task in self.lam}
         self.steps = int(state["steps"])
 
@@ -115,6 +126,8 @@ def enforce_budget(model: "TapsModel", task: str, budget: float, margin: float =
         return []
     layers = dict(model.taps_layers())
     active = [name for name, on in model.gate_states(task).items() if on]
+    if not active:  # norms and head alone (a budget at the minimum, up to rounding): nothing to switch off
+        return []
     scores = torch.stack([layers[name].taps_score[task].detach().float() for name in active]).tolist()
     ranked = sorted(zip(scores, active))  # lowest score first
     size = {name: layers[name].base_layer.weight.numel() for name in active}

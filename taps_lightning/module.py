@@ -170,7 +170,7 @@ class TapsModule(L.LightningModule):
                 cost = self.model.task_cost(task)
                 minimum[task] = (cost["norm_params"] + cost["head_params"]) / cost["base_params"]
             check_budget_reachable(budget, minimum)
-            self.budget_controller = BudgetController(self.tasks, budget, 0.0, budget_rate)
+            self.budget_controller = BudgetController(self.tasks, budget, 0.0, budget_rate, minimum=minimum)
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
         self._nonfinite: dict[str, Tensor] = {}
@@ -213,18 +213,21 @@ class TapsModule(L.LightningModule):
             return None
         return {t: self.budget_controller.meets(float(self.task_cost(t)["fraction"])) for t in self.tasks}
 
-    def _step_lams(self, tasks) -> dict[str, float]:
-        """Each task's ``lambda`` for this step. With a budget, the controller first takes one
-        dual-ascent step from the current fractions (once the penalty applies), and both are
-        logged per step as ``taps/<task>/lam`` and ``taps/<task>/task_params_fraction``."""
+    def _step_lams(self, tasks, batch_idx: int) -> dict[str, float]:
+        """Each task's ``lambda`` for this batch. With a budget, the controller first takes one
+        dual-ascent step from the current fractions (once the penalty applies, and once per
+        optimizer step: the first batch of an accumulation), and both are logged as
+        ``taps/<task>/lam`` and ``taps/<task>/task_params_fraction``."""
         if self.budget_controller is None:
             lam = self.lam_now()
             return {task: lam for task in tasks}
         fractions = {task: float(self.task_cost(task)["fraction"]) for task in tasks}
-        if self.mode.penalty_active(self.current_epoch):
-            lams = self.budget_controller.update(fractions)
-        else:
+        if not self.mode.penalty_active(self.current_epoch):
             lams = {task: 0.0 for task in tasks}
+        elif batch_idx % max(1, self._trainer.accumulate_grad_batches if self._trainer else 1) == 0:
+            lams = self.budget_controller.update(fractions)
+        else:  # the scores have not moved since this optimizer step's first batch
+            lams = {task: self.budget_controller.lam[task] for task in tasks}
         for task in tasks:
             self.log(f"taps/{task}/lam", lams[task], on_step=True, on_epoch=False, batch_size=1)
             self.log(f"taps/{task}/task_params_fraction", fractions[task], on_step=True, on_epoch=False, batch_size=1)
@@ -261,7 +264,7 @@ class TapsModule(L.LightningModule):
         return self.model(x, task)
 
     def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
-        lams = self._step_lams(list(batch))
+        lams = self._step_lams(list(batch), batch_idx)
         hp = self.hparams
         losses, sparsities = {}, []
         for task, (x, y) in batch.items():
@@ -384,10 +387,16 @@ class TapsModule(L.LightningModule):
                 self.log(f"{stage}/{task}/active_layers", float(cost["active_layers"]), sync_dist=True)
                 self.log(f"{stage}/{task}/task_params_fraction", fractions[task], sync_dist=True)
             if self.budget_controller is not None and accs:
-                # what ModelCheckpoint ranks in budget runs: the accuracy when every task is within
-                # budget, else minus the largest excess (below any accuracy; the nearest miss ranks first)
+                # what ModelCheckpoint ranks in budget runs: the accuracy once the penalty applies and
+                # every task is within budget; else minus the largest excess, and minus 1 more before the
+                # penalty applies (memory-efficient's joint phase stores little, but its gates are not
+                # chosen yet), so neither is ever ranked above an epoch that met the budget
                 excess = max(f - self.budget_controller.budget for f in fractions.values())
-                score = torch.stack(list(accs.values())).mean() if excess <= 0 else torch.tensor(-excess, device=self.device)
+                if excess <= 0 and self.mode.penalty_active(self.current_epoch):
+                    score = torch.stack(list(accs.values())).mean()
+                else:
+                    early = 0.0 if self.mode.penalty_active(self.current_epoch) else 1.0
+                    score = torch.tensor(-max(excess, 0.0) - early, device=self.device)
                 self.log(f"{stage}/budget_acc", score, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -449,16 +458,16 @@ class TapsModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "taps_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["taps_rng_state"])
-        if self.budget_controller is not None and "taps_budget" in checkpoint:
-            # lambdas and steps carry on; the settings are this run's (a changed budget is warned about below)
-            self.budget_controller.load_state_dict(checkpoint["taps_budget"])
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("backbone", "mode", "tasks", "threshold"):
+        for key in ("backbone", "mode", "tasks", "threshold", "budget"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise ValueError(
                     f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
                     "resume with the same --model settings (e.g. --config of the original run) or start a new run"
                 )
+        if self.budget_controller is not None and "taps_budget" in checkpoint:
+            # lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under this budget)
+            self.budget_controller.load_state_dict(checkpoint["taps_budget"])
         changed = {k: (saved[k], v) for k, v in self.hparams.items() if k in saved and saved[k] != v}
         if changed:  # allowed (e.g. another lam from here on), but never silently
             rank_zero_warn("resuming with changed --model settings: " + ", ".join(

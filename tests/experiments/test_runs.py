@@ -204,3 +204,19 @@ def test_a_run_refused_while_building_leaves_no_folder(in_tmp):
     assert not list((in_tmp / "logs" / "taps").glob("version_*"))
     main(TINY)  # the next run still gets version_0
     assert [p.name for p in (in_tmp / "logs" / "taps").iterdir()] == ["version_0"]
+
+
+def test_budget_run_ranks_checkpoints_by_budget_and_reports_it(in_tmp):
+    from experiments.fit import main
+
+    cli = main(TINY + ["--model.budget", "0.5", "--model.sparsity_warmup_epochs", "0", "--trainer.max_epochs", "2",
+                       "--test", "true"])
+    assert cli.trainer.checkpoint_callback.monitor == "val/budget_acc"
+    run = in_tmp / "logs" / "taps" / "version_0"
+    report = (run / "report.md").read_text()
+    assert "budget=0.5, penalty=params" in report and "| lambda |" in report
+    assert "Budget 50 % of the backbone per task: every task is within it" in report
+    assert float(cli.trainer.checkpoint_callback.best_model_score) >= 0  # an epoch within budget was kept
+    # the run's config names val/budget_acc; reused without a budget it falls back to val/acc
+    again = main(["--config", str(run / "config.yaml"), "--model.budget", "null", "--trainer.max_epochs", "1"])
+    assert again.trainer.checkpoint_callback.monitor == "val/acc"
