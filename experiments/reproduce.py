@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> Path:
     seconds = sum(r.get("seconds", 0.0) for r in records)
     points = pareto_points(results)
     figure = draw_pareto(points, Path(args.figure) if args.figure else out.parent / "pareto.png",
-                         f"seeds {', '.join(map(str, args.seeds))} (runs per point: docs table); "
+                         f"seeds {', '.join(map(str, args.seeds))} (runs per point: see results.md); "
                          "error bars: one standard deviation over seeds")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(format_results(results, command, seconds, args.seeds, machine) + pareto_markdown(points, figure))
