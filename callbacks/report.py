@@ -63,7 +63,8 @@ def _lam_cell(lam: float | None) -> str:
     return "" if lam is None else f"{lam:.3g}"
 
 
-def format_markdown(rows: list[dict], title: str, budget: float | None = None) -> str:
+def format_markdown(rows: list[dict], title: str, budget: float | None = None,
+                    within: dict[str, bool] | None = None) -> str:
     head = ("| task | acc (%) | active / gated layers | task params | % of backbone | stored MB | lambda |\n"
             "|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
@@ -74,13 +75,14 @@ def format_markdown(rows: list[dict], title: str, budget: float | None = None) -
     total = rows[-1] if rows else {}
     tail = f"\nTotal parameters for all tasks: {total.get('params_multiple', float('nan')):.2f}x one backbone.\n"
     if budget is not None:
-        tail += "\n" + budget_line(rows[:-1], budget) + "\n"
+        tail += "\n" + budget_line(rows[:-1], budget, within or {}) + "\n"
     return f"## {title}\n\n{head}{body}{tail}"
 
 
-def budget_line(rows: list[dict], budget: float) -> str:
-    """Whether every task row stores at most ``budget`` of the backbone, said in one line."""
-    over = [r for r in rows if r["task_params_pct"] > 100 * budget]
+def budget_line(rows: list[dict], budget: float, within: dict[str, bool]) -> str:
+    """Whether every task row stores at most ``budget`` of the backbone, said in one line
+    (``within``: the module's own verdict per task, :meth:`TapsModule.within_budget`)."""
+    over = [r for r in rows if not within.get(r["task"], r["task_params_pct"] <= 100 * budget)]
     if not over:
         largest = max(r["task_params_pct"] for r in rows)
         return (f"Budget {100 * budget:.4g} % of the backbone per task: every task is within it "
@@ -130,7 +132,8 @@ class ResultsReport(L.Callback):
         if pl_module.is_taps and penalty != "layers":
             setting += f", penalty={penalty}"
         title = f"{hp.backbone}, mode={hp.mode}, {setting} ({stage} set)"
-        text = format_markdown(rows, title, budget) + grouping_markdown(pl_module)
+        within = pl_module.within_budget() if budget is not None else None
+        text = format_markdown(rows, title, budget, within) + grouping_markdown(pl_module)
         folder = Path(log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.md").write_text(text)

@@ -128,16 +128,16 @@ def enforce_budget(model: "TapsModel", task: str, budget: float, margin: float =
     active = [name for name, on in model.gate_states(task).items() if on]
     if not active:  # norms and head alone (a budget at the minimum, up to rounding): nothing to switch off
         return []
-    scores = torch.stack([layers[name].taps_score[task].detach().float() for name in active]).tolist()
-    ranked = sorted(zip(scores, active))  # lowest score first
+    scores = dict(zip(active, torch.stack([layers[n].taps_score[task].detach().float() for n in active]).tolist()))
+    ranked = sorted(active, key=lambda n: (scores[n], n))  # lowest score first
     size = {name: layers[name].base_layer.weight.numel() for name in active}
     dropped = []
-    for _, name in ranked:
+    for name in ranked:
         if stored <= allowed:
             break
         stored -= size[name]
         dropped.append(name)
-    for name in sorted(dropped, key=lambda n: -scores[active.index(n)]):  # re-admit what still fits
+    for name in sorted(dropped, key=lambda n: -scores[n]):  # re-admit what still fits
         if stored + size[name] <= allowed:
             stored += size[name]
             dropped.remove(name)

@@ -165,10 +165,8 @@ class TapsModule(L.LightningModule):
         self.penalty = penalty
         self.budget_controller: BudgetController | None = None
         if budget is not None:
-            minimum = {}
-            for task in self.tasks:
-                cost = self.model.task_cost(task)
-                minimum[task] = (cost["norm_params"] + cost["head_params"]) / cost["base_params"]
+            minimum = {task: sum(self.model.norm_and_head_params(task)) / self.model.base_param_count
+                       for task in self.tasks}
             check_budget_reachable(budget, minimum)
             self.budget_controller = BudgetController(self.tasks, budget, 0.0, budget_rate, minimum=minimum)
         self.val_acc = self._metrics()
@@ -377,8 +375,9 @@ class TapsModule(L.LightningModule):
                     raise FloatingPointError(f"{stage}/{task}/acc is {accs[task].item()}; the run is stopped")
                 self.log(f"{stage}/{task}/acc", accs[task], sync_dist=True)
             metric.reset()
-        if accs:
-            self.log(f"{stage}/acc", torch.stack(list(accs.values())).mean(), prog_bar=True, sync_dist=True)
+        mean_acc = torch.stack(list(accs.values())).mean() if accs else None
+        if mean_acc is not None:
+            self.log(f"{stage}/acc", mean_acc, prog_bar=True, sync_dist=True)
         if self.is_taps:
             fractions = {}
             for task in self.tasks:
@@ -386,17 +385,18 @@ class TapsModule(L.LightningModule):
                 fractions[task] = float(cost["fraction"])
                 self.log(f"{stage}/{task}/active_layers", float(cost["active_layers"]), sync_dist=True)
                 self.log(f"{stage}/{task}/task_params_fraction", fractions[task], sync_dist=True)
-            if self.budget_controller is not None and accs:
+            if self.budget_controller is not None and mean_acc is not None:
                 # what ModelCheckpoint ranks in budget runs: the accuracy once the penalty applies and
                 # every task is within budget; else minus the largest excess, and minus 1 more before the
                 # penalty applies (memory-efficient's joint phase stores little, but its gates are not
                 # chosen yet), so neither is ever ranked above an epoch that met the budget
-                excess = max(f - self.budget_controller.budget for f in fractions.values())
-                if excess <= 0 and self.mode.penalty_active(self.current_epoch):
-                    score = torch.stack(list(accs.values())).mean()
+                within = all(self.budget_controller.meets(f) for f in fractions.values())
+                penalised = self.mode.penalty_active(self.current_epoch)
+                if within and penalised:
+                    score = mean_acc
                 else:
-                    early = 0.0 if self.mode.penalty_active(self.current_epoch) else 1.0
-                    score = torch.tensor(-max(excess, 0.0) - early, device=self.device)
+                    excess = max(f - self.budget_controller.budget for f in fractions.values())
+                    score = torch.tensor(-max(excess, 0.0) - (0.0 if penalised else 1.0), device=self.device)
                 self.log(f"{stage}/budget_acc", score, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
