@@ -21,7 +21,9 @@ def adapter_dir(trainer: L.Trainer) -> Path:
 class TaskExport(L.Callback):
     """After fit (final weights) and again after test (the tested, usually best, weights),
     save every task as ``adapters/<task>.safetensors``, with the DataModule's class names when
-    it knows them. Rank zero writes; others wait."""
+    it knows them, and with norm statistics re-estimated for those weights
+    (``TapsModule.recalibrate_norms``, done already when they were just evaluated). Rank zero
+    writes; others wait."""
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
@@ -31,6 +33,8 @@ class TaskExport(L.Callback):
         if model is None or not model.can_export:
             return
         folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
+        if hasattr(pl_module, "recalibrate_norms"):  # norm statistics for these weights (a no-op if done)
+            pl_module.recalibrate_norms()
         within = pl_module.within_budget() if hasattr(pl_module, "within_budget") else None
         if within is not None and not all(within.values()) and when == "final weights":
             # a budget run exports only weights that meet the budget: the tested (best) ones follow

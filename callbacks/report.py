@@ -14,7 +14,8 @@ from taps_lightning import save_task
 
 __all__ = ["ResultsReport", "collect_rows", "format_markdown"]
 
-COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "task_params_pct", "stored_mb", "lam")
+COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "task_params_pct", "stored_mb", "lam",
+           "norm_images")
 
 
 def _stored_mb(module: L.LightningModule, task: str) -> float:
@@ -42,6 +43,8 @@ def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[d
             "task_params_pct": 100 * float(cost["fraction"]),
             "stored_mb": _stored_mb(module, task),
             "lam": module.task_lam(task),  # the final lambda (per task with a budget); None without gates
+            # training images its BatchNorm statistics were re-estimated on (0: training-time averages)
+            "norm_images": getattr(module, "recalibrated_images", {}).get(task, 0),
         })
     base = rows and module.task_cost(rows[0]["task"])["base_params"]
     total_params = sum(r["task_params"] for r in rows)
@@ -76,7 +79,22 @@ def format_markdown(rows: list[dict], title: str, budget: float | None = None,
     tail = f"\nTotal parameters for all tasks: {total.get('params_multiple', float('nan')):.2f}x one backbone.\n"
     if budget is not None:
         tail += "\n" + budget_line(rows[:-1], budget, within or {}) + "\n"
+    tail += "\n" + norms_line(rows[:-1]) + "\n"
     return f"## {title}\n\n{head}{body}{tail}"
+
+
+def norms_line(rows: list[dict]) -> str:
+    """How the BatchNorm statistics of the reported weights were obtained."""
+    counts = {r["task"]: int(r.get("norm_images") or 0) for r in rows}
+    if not any(counts.values()):
+        return ("Norm statistics: as stored with the weights, not re-estimated here (--model.recalibrate_batches 0, "
+                "or no task-specific BatchNorm).")
+    if len(set(counts.values())) == 1:
+        per_task = f"{next(iter(counts.values())):,} training images per task"
+    else:
+        per_task = ", ".join(f"{t} {n:,}" for t, n in counts.items()) + " training images"
+    return (f"Norm statistics: each task's BatchNorm statistics were re-estimated for these weights on {per_task} "
+            "(evaluation transform; --model.recalibrate_batches).")
 
 
 def budget_line(rows: list[dict], budget: float, within: dict[str, bool]) -> str:

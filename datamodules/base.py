@@ -9,6 +9,7 @@ counted twice.
 """
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from typing import Callable, Sequence
 
@@ -147,6 +148,40 @@ class MultiTaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+        )
+
+    def norm_dataset(self, task: str) -> Dataset:
+        """``task``'s training images under the evaluation transform: what its BatchNorm
+        statistics are re-estimated on (:func:`taps_lightning.recalibrate_norms`). The transform
+        is the one this DataModule's validation/test dataset applies to the same kind of stored
+        sample; it is deterministic, so the same weights always get the same statistics, and it is
+        what validation, test and predict feed the model (statistics of the inputs it will see,
+        as FixRes re-estimates them at the test resolution)."""
+        cache = self.datasets.setdefault(task, {})
+        if "norm" not in cache:
+            train = cache["train"] if "train" in cache else self.checked_dataset(task, "train")
+            evaluated = next((cache[s] for s in ("val", "test") if s in cache), None)
+            if evaluated is None:
+                evaluated = cache["test"] = self.checked_dataset(task, "test")
+            if not hasattr(train, "transform") or not hasattr(evaluated, "transform"):
+                raise TypeError(f"{type(self).__name__}: the {task} datasets have no `transform` attribute to "
+                                "share; override norm_dataset() or pass --model.recalibrate_batches 0")
+            cache["norm"] = copy.copy(train)
+            cache["norm"].transform = evaluated.transform
+        return cache["norm"]
+
+    def norm_dataloader(self, task: str, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The first ``num_batches x batch_size`` images of a fixed permutation of ``task``'s
+        :meth:`norm_dataset` (the same images every time), this process's share of them under
+        DDP. Its own random generator: the global RNG (augmentation, shuffling) is not touched."""
+        dataset = self.norm_dataset(task)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        chosen = order[: num_batches * self.batch_size]
+        batches = [chosen[i:i + self.batch_size].tolist() for i in range(0, len(chosen), self.batch_size)]
+        return DataLoader(
+            dataset, batch_sampler=batches[rank::world_size], collate_fn=getattr(dataset, "collate_fn", None),
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            generator=torch.Generator(),
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -33,12 +33,18 @@ class EvaluateCLI(TrainedCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--split", type=Literal["val", "test"], default="test", help="the split to evaluate on")
+        parser.add_argument("--recalibrate_batches", type=Optional[int], default=None,
+                            help="re-estimate each task's BatchNorm statistics on this many batches of the data's "
+                                 "training images before evaluating (0: use the stored statistics; default: the "
+                                 "model's --model.recalibrate_batches, as in fit)")
         parser.set_defaults({"trainer.logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "logs", "name": "evaluate"},
         }})
 
     def before_instantiate_classes(self) -> None:
+        if (self.config.recalibrate_batches or 0) < 0:
+            raise SystemExit(f"--recalibrate_batches must be >= 0, got {self.config.recalibrate_batches}")
         super().before_instantiate_classes()
         # the data's tasks are the trained ones (in --data.tasks' order when it lists them, e.g. a run's config)
         data_args, tasks = self.config.data.init_args, list(self.trained.num_classes)
@@ -54,6 +60,8 @@ class EvaluateCLI(TrainedCLI):
         super().after_instantiate_classes()
         self.trained.check_data(self.datamodule.num_classes)
         self.trained.load_into(self.model)
+        if self.config.recalibrate_batches is not None:
+            self.model.recalibrate_batches = self.config.recalibrate_batches
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, FIT_ONLY_CALLBACKS)]
         # Lightning asks for the checkpoint's ModelCheckpoint to restore its state: irrelevant without training
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")

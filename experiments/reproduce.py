@@ -50,11 +50,26 @@ VARIANTS = [
                                            "--model.joint_epochs", "2", "--model.sparsity_warmup_epochs", "0"]),
     ("Joint fine-tuning", ["--model.mode", "joint_finetune"]),
     ("Progressive adapters (rank 8)", ["--model.mode", "progressive"]),
+    # the A/B of the training defaults at lambda 0.5 (docs/ab_defaults.md); the first row above is "A"
+    ("TAPS incremental, lambda=0.5, gates frozen in the last epoch",
+     ["--model.mode", "incremental", "--model.lam", "0.5", "--model.freeze_gates_epochs", "1"]),
+    ("TAPS incremental, lambda=0.5, cosine per step + Nesterov",
+     ["--model.mode", "incremental", "--model.lam", "0.5", "--model.scheduler", "cosine_step",
+      "--model.nesterov", "true"]),
+    ("TAPS incremental, lambda=0.5, cosine per step",
+     ["--model.mode", "incremental", "--model.lam", "0.5", "--model.scheduler", "cosine_step"]),
+    ("TAPS incremental, lambda=0.5, Nesterov",
+     ["--model.mode", "incremental", "--model.lam", "0.5", "--model.nesterov", "true"]),
 ]
+#: Rows of the A/B of training defaults (written to their own table with --only and --out).
+AB_ROWS = ["TAPS incremental, lambda=0.5"] + [label for label, _ in VARIANTS if label.startswith("TAPS incremental, lambda=0.5, ")]
+#: What a kept run must have been made with to count (runs of an older protocol are trained again):
+#: 2 = BatchNorm statistics re-estimated before every validation and test.
+PROTOCOL = 2
 #: The figure's series: (name, row-label pattern, marker; None: a reference line across the plot).
 SERIES = [
-    ("lambda sweep, per-layer penalty (paper)", r"^TAPS incremental, lambda=", "o"),
-    ("lambda sweep, parameter-weighted penalty", r"^TAPS incremental, params penalty, lambda=", "s"),
+    ("lambda sweep, per-layer penalty (paper)", r"^TAPS incremental, lambda=[0-9.]+$", "o"),
+    ("lambda sweep, parameter-weighted penalty", r"^TAPS incremental, params penalty, lambda=[0-9.]+$", "s"),
     ("budget (parameter-weighted penalty)", r"^TAPS incremental, budget=[0-9.]+$", "^"),
     ("budget 0.2, per-layer penalty", r"^TAPS incremental, budget=0.2, layers penalty$", "v"),
     ("fine-tuning", r"^Fine-tuning$", None),
@@ -101,7 +116,7 @@ def load_run(path: Path, flags: list[str]) -> list[dict] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record["rows"] if record.get("flags") == flags else None
+    return record["rows"] if record.get("flags") == flags and record.get("protocol") == PROTOCOL else None
 
 
 def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict]:
@@ -112,13 +127,25 @@ def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict
     rows = run_variant(flags, common, QUICK if quick else [], seed)
     record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows,
               "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.machine()}
+              "machine": platform.machine(), "protocol": PROTOCOL, "commit": _commit()}
     path = run_file(runs, label, seed, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
     return rows
+
+
+def _commit() -> str | None:
+    """The checked-out commit (with ``+`` when the tree has uncommitted changes), if in a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+" if dirty else "")) or None
 
 
 def _train_missing(todo: list[tuple[str, int]], runs: Path, quick: bool, jobs: int) -> None:
@@ -163,8 +190,9 @@ def format_results(results: list[tuple[str, list[list[dict]]]], command: str, se
     """Markdown table; ``results`` holds, per row label, the report rows of each seed's run (a
     row with fewer runs than ``seeds`` says how many it has)."""
     tasks = [r["task"] for r in results[0][1][0][:-1]]
-    head = "| method | params (x backbone) | " + " | ".join(tasks) + " | mean | % task params (mean) | active layers (mean) |"
-    rule = "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"
+    head = ("| method | params (x backbone) | " + " | ".join(tasks)
+            + " | mean | worst task (any seed) | % task params (mean) | active layers (mean) |")
+    rule = "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"
     lines = [head, rule]
     for label, runs in results:
         n = len(tasks)
@@ -174,14 +202,14 @@ def format_results(results: list[tuple[str, list[list[dict]]]], command: str, se
         shown = label if len(runs) == len(seeds) else f"{label} ({len(runs)} of {len(seeds)} seeds)"
         lines.append(
             f"| {shown} | {_mean_std([run[-1]['params_multiple'] for run in runs], 2, 'x')} | "
-            + " | ".join(f"{statistics.fmean(accs):.2f}" for accs in per_task)
-            + f" | {_mean_std([run[-1]['accuracy'] for run in runs], 2)} | {_mean_std(pct, 1)} | "
+            + " | ".join(_mean_std(accs, 1) for accs in per_task)
+            + f" | {_mean_std([run[-1]['accuracy'] for run in runs], 2)} | {_worst(runs, tasks)} | {_mean_std(pct, 1)} | "
             + f"{_mean_std(active, 1)} / {runs[0][0]['gated_layers']} |"
         )
     machine = machine or f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"
     runs = (f"seed {seeds[0]}, one run per row" if len(seeds) == 1 else
             f"seeds {', '.join(map(str, seeds))}: every figure is the mean over seeds, ± the standard deviation "
-            "over seeds (per-task columns: means only)")
+            "over seeds; worst task: the lowest accuracy of any task in any seed's run")
     return (
         "# Results on the embedded benchmark\n\n"
         f"Command: `{command}` ({seconds / 60:.1f} min of training on {machine}); test split, best checkpoint "
@@ -189,6 +217,12 @@ def format_results(results: list[tuple[str, list[list[dict]]]], command: str, se
         "Params: base plus every task's task-specific parameters (an adapter shared by several tasks counted once), in backbones (the paper's Params column). "
         "% task params: each task's own parameters (active deltas, norms, head) as % of the backbone.\n\n" + PAPER
     )
+
+
+def _worst(runs: list[list[dict]], tasks: list[str]) -> str:
+    """The lowest test accuracy of any task in any run, and which task (and seed index) it was."""
+    acc, task, i = min((run[t]["accuracy"], tasks[t], i) for i, run in enumerate(runs) for t in range(len(tasks)))
+    return f"{acc:.2f} ({task})"
 
 
 def pareto_points(results: list[tuple[str, list[list[dict]]]]) -> dict[str, list[dict]]:
@@ -304,8 +338,9 @@ def main(argv: list[str] | None = None) -> Path:
     command = ("python -m experiments.reproduce" + (" --quick" if args.quick else "")
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
     threads = sorted({r.get("threads") for r in records})
+    commits = sorted({str(r.get("commit")) for r in records})
     machine = (f"{records[0].get('machine', platform.machine())}, {'/'.join(map(str, threads))} thread(s) per run, "
-               f"torch {records[0].get('torch', torch.__version__)}, CPU")
+               f"torch {records[0].get('torch', torch.__version__)}, CPU, commit {'/'.join(commits)}")
     seconds = sum(r.get("seconds", 0.0) for r in records)
     points = pareto_points(results)
     figure = draw_pareto(points, Path(args.figure) if args.figure else out.parent / "pareto.png",

@@ -14,6 +14,7 @@ from .model import TapsModel
 from .multitask import MultiTaskModel
 from .norms import TaskNorm
 from .progressive import ProgressiveAdapterModel
+from .recalibrate import recalibrate_norms
 from .stats import count_params, gate_states, layer_scores, sparsity_loss, total_params_multiple
 from .tuners import TaskLayer
 
@@ -24,5 +25,5 @@ __all__ = [
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gate_open", "gated_weight", "hard_gate",
     "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",
-    "save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError",
+    "recalibrate_norms", "save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError",
 ]

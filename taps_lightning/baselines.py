@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .config import GATED_TYPES
 from .inject import strip_classifier
 from .multitask import MultiTaskModel, default_backbone_name
+from .norms import task_batchnorms_of
 
 __all__ = ["MultiHeadModel"]
 
@@ -63,6 +64,11 @@ class MultiHeadModel(MultiTaskModel):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return (self.backbones[self.active_task] if self.copy_per_task else self.backbone)(x)
+
+    def task_batchnorms(self, task: str) -> list[nn.Module]:
+        """Fine-tuning: the BatchNorms of the task's own copy; a shared backbone has none of its own."""
+        self._check_task(task)
+        return task_batchnorms_of([self.backbones[task]]) if self.copy_per_task else []
 
     def shared_parameters(self):
         return iter(()) if self.copy_per_task else self.backbone.parameters()

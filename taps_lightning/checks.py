@@ -35,7 +35,8 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                             sparsity_warmup_epochs: int, joint_epochs: int, adapter_rank: int,
                             num_stages: int, similarity_batches: int, penalty_divisor: float | None = None,
                             cosine_epochs: int | None = None, penalty: str = "layers",
-                            budget: float | None = None, budget_rate: float = 0.05) -> None:
+                            budget: float | None = None, budget_rate: float = 0.05, recalibrate_batches: int = 0,
+                            freeze_gates_epochs: int = 0) -> None:
     """Raise ``ValueError`` listing every out-of-range training setting.
 
     Args:
@@ -64,6 +65,11 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
          f"--model.penalty_divisor must be > 0 (or null for L, the number of gated layers), got {penalty_divisor}")
     need(cosine_epochs is None or (isinstance(cosine_epochs, int) and cosine_epochs >= 1),
          f"--model.cosine_epochs must be an integer >= 1 (or null for --trainer.max_epochs), got {cosine_epochs}")
+    need(isinstance(recalibrate_batches, int) and recalibrate_batches >= 0,
+         f"--model.recalibrate_batches must be an integer >= 0 (0: keep the training-time statistics), "
+         f"got {recalibrate_batches}")
+    need(isinstance(freeze_gates_epochs, int) and freeze_gates_epochs >= 0,
+         f"--model.freeze_gates_epochs must be an integer >= 0, got {freeze_gates_epochs}")
     need(penalty in PENALTIES, f"--model.penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
     need(penalty_divisor is None or penalty != "params",
          "--model.penalty_divisor replaces L in the 'layers' penalty; --model.penalty params (the default with "

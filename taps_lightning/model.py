@@ -195,6 +195,11 @@ class TapsModel(MultiTaskModel):
         scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
         return OrderedDict(zip(names, gate_open(scores, self.threshold).tolist()))
 
+    def gate_tensor(self, task: str) -> Tensor:
+        self._check_task(task)
+        return gate_open(torch.stack([layer.taps_score[task].detach() for _, layer in self.taps_layers()]),
+                         self.threshold)
+
     def regularizer(self, task: str, divisor: float | None = None, penalty: str = "layers") -> Tensor:
         """The sparsity penalty before ``lambda``. Differentiable in the scores.
 

@@ -28,8 +28,13 @@ from .checks import check_budget_reachable, check_training_settings, normalize_s
 from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, create_mode
+from .recalibrate import recalibrate_norms
 
-__all__ = ["TapsModule", "MODES", "TAPS_MODES"]
+__all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
+
+#: Batches of training images (at the data's batch size) each task's BatchNorm statistics are
+#: re-estimated on before validation and test (see the README's *Results* for how it was chosen).
+DEFAULT_RECALIBRATE_BATCHES = 16
 
 
 
@@ -102,6 +107,14 @@ class TapsModule(L.LightningModule):
         recompute_weight: TAPS modes: rebuild each gated weight in backward instead of saving
             it from forward (less memory, one add more per active layer; see the README's
             Performance section).
+        recalibrate_batches: before every validation and test (and so before every checkpoint
+            and export), re-estimate each task's own BatchNorm statistics on this many batches of
+            its training images under the evaluation transform
+            (:func:`~taps_lightning.recalibrate_norms`); 0 keeps the training-time running
+            averages, which go stale when gates flip late in an epoch.
+        freeze_gates_epochs: TAPS modes: keep every gate as it is during the last this many
+            epochs (the scores get no update; deltas, norms and heads keep training), so the
+            selection settles before the end.
     """
 
     def __init__(
@@ -135,6 +148,8 @@ class TapsModule(L.LightningModule):
         similarity_epochs: int = 1,
         similarity_batches: int = 8,
         recompute_weight: bool = True,
+        recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES,
+        freeze_gates_epochs: int = 0,
     ) -> None:
         super().__init__()
         if mode not in MODES:  # before anything else: the flag's allowed values
@@ -150,7 +165,8 @@ class TapsModule(L.LightningModule):
             weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
             joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
             similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs,
-            penalty=penalty, budget=budget, budget_rate=budget_rate)
+            penalty=penalty, budget=budget, budget_rate=budget_rate, recalibrate_batches=recalibrate_batches,
+            freeze_gates_epochs=freeze_gates_epochs)
         weights_sha256 = normalize_sha256(weights_sha256)
         self.save_hyperparameters()
         if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
@@ -172,6 +188,13 @@ class TapsModule(L.LightningModule):
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
         self._nonfinite: dict[str, Tensor] = {}
+        #: batches each task's norms are re-estimated on (``experiments.evaluate --recalibrate_batches`` sets it)
+        self.recalibrate_batches = recalibrate_batches
+        #: ``{task: images}`` the norms of the evaluated weights were re-estimated on (empty: not re-estimated)
+        self.recalibrated_images: dict[str, int] = {}
+        self._norms_fresh = False  # statistics re-estimated for the weights as they are now
+        self._gates_before: dict[str, Tensor] = {}
+        self._gate_flips: dict[str, Tensor] = {}
 
     def _metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({t: MulticlassAccuracy(num_classes=n, average="micro") for t, n in self.tasks.items()})
@@ -257,6 +280,20 @@ class TapsModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.mode.enter_epoch(self.model, self.current_epoch)
+        if self.is_taps:  # gate flips are counted against the previous step's gates
+            self._gates_before = {t: self.model.gate_tensor(t) for t in self.tasks}
+            self._gate_flips = {t: torch.zeros((), dtype=torch.long, device=self.device) for t in self.tasks}
+
+    def gates_frozen(self) -> bool:
+        """Whether this epoch is one of the last ``freeze_gates_epochs`` (scores not updated)."""
+        k, epochs = self.hparams.freeze_gates_epochs, self.trainer.max_epochs if self._trainer else None
+        return bool(k) and self.is_taps and epochs is not None and epochs > 0 and self.current_epoch >= epochs - k
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.gates_frozen():  # SGD skips a parameter without a gradient: no step, no momentum
+            for name, p in self.model.named_parameters():
+                if ".taps_score." in name:
+                    p.grad = None
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.model(x, task)
@@ -297,6 +334,9 @@ class TapsModule(L.LightningModule):
         return total
 
     def on_train_epoch_end(self) -> None:
+        for task, flips in self._gate_flips.items():  # gate changes between optimizer steps, this epoch
+            self.log(f"taps/{task}/gate_flips", flips.float(), on_step=False, on_epoch=True, batch_size=1,
+                     sync_dist=True)  # the same on every rank (the scores are)
         message = self.mode.end_epoch(self.model, self.current_epoch,
                                       lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
         if message:
@@ -308,10 +348,53 @@ class TapsModule(L.LightningModule):
         # runs both before the module's on_train_epoch_end)
         if self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches:
             self._enforce_budget()
+        self._norms_fresh = False  # the weights moved: statistics are re-estimated before the next evaluation
+        if self._gates_before:
+            for task, before in self._gates_before.items():
+                now = self.model.gate_tensor(task)
+                self._gate_flips[task] += (now != before).sum()  # on the device: no sync per step
+                self._gates_before[task] = now
 
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:
+            return
+        if self.trainer.state.fn == TrainerFn.FITTING:
             self._enforce_budget()  # also a mid-epoch validation (--trainer.val_check_interval)
+        self.recalibrate_norms()  # after enforcement: the statistics of the gates validated
+
+    def on_test_start(self) -> None:
+        self.recalibrate_norms()
+
+    def recalibrate_norms(self) -> dict[str, int]:
+        """Re-estimate every task's own BatchNorm statistics for the current weights on
+        ``recalibrate_batches`` batches of its training images (evaluation transform, the same
+        images every time, sharded over DDP ranks and averaged, so every rank ends with the same
+        statistics); returns ``{task: images}``. A no-op when already done for these weights, with
+        0 batches, without a DataModule, or for tasks without BatchNorm of their own. The training
+        trajectory is untouched: no gradient, the training loader and the global RNG are not used."""
+        dm = self._datamodule()
+        if self._norms_fresh:
+            return self.recalibrated_images
+        if not self.recalibrate_batches or dm is None or not hasattr(dm, "norm_dataloader"):
+            self.recalibrated_images = {}  # the statistics are the ones stored with the weights
+            return self.recalibrated_images
+        trainer, images = self.trainer, {}
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        with torch.random.fork_rng(devices=[]), \
+                trainer.precision_plugin.forward_context():
+            for task in self.eval_tasks():
+                if not self.model.task_batchnorms(task):
+                    continue
+                try:
+                    loader = dm.norm_dataloader(task, self.recalibrate_batches, trainer.global_rank, trainer.world_size)
+                except (OSError, ValueError) as err:  # e.g. evaluating on data without its training split
+                    raise type(err)(f"{err}\n(re-estimating {task}'s BatchNorm statistics needs its training images; "
+                                    "to keep the statistics stored with the weights instead, pass "
+                                    "--model.recalibrate_batches 0, or --recalibrate_batches 0 to evaluate)") from err
+                batches = (batch[0].to(self.device, non_blocking=True) for batch in loader if batch is not None)
+                images[task] = recalibrate_norms(self.model, task, batches, reduce)
+        self.recalibrated_images, self._norms_fresh = images, True
+        return images
 
     def _enforce_budget(self) -> None:
         """Switch off each over-budget task's lowest-score layers (:func:`enforce_budget`) once
@@ -456,6 +539,7 @@ class TapsModule(L.LightningModule):
             checkpoint["taps_budget"] = self.budget_controller.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._norms_fresh = False
         if "taps_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["taps_rng_state"])
         saved = checkpoint.get("hyper_parameters", {})

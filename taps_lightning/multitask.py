@@ -12,7 +12,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from .norms import TaskNorm
+from .norms import TaskNorm, task_batchnorms_of
 from .tuners import TaskLayer
 
 __all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name"]
@@ -85,6 +85,12 @@ class MultiTaskModel(nn.Module):
             if isinstance(layer, TaskNorm):
                 yield name, layer
 
+    def task_batchnorms(self, task: str) -> list[nn.Module]:
+        """The BatchNorms only ``task`` runs (what :func:`~taps_lightning.recalibrate_norms`
+        re-estimates): its copies of the task-specific norms. Shared norms are not listed."""
+        self._check_task(task)
+        return task_batchnorms_of(norm.task_norm(task) for _, norm in self.task_norms())
+
     def set_task(self, task: str | None) -> None:
         """Make ``task`` the one :meth:`forward` runs (``None``: the shared backbone alone);
         switching is a pointer change in every per-task layer, nothing is reloaded."""
@@ -128,13 +134,18 @@ class MultiTaskModel(nn.Module):
 
     def norm_and_head_params(self, task: str) -> tuple[int, int]:
         """Trained parameters of ``task``'s norms and of its head (what every task owns)."""
-        norms = sum(p.numel() for _, norm in self.task_norms() for p in norm.norms[task].parameters())
+        norms = sum(p.numel() for _, norm in self.task_norms() for p in norm.task_norm(task).parameters())
         return norms, sum(p.numel() for p in self.heads[task].parameters())
 
     def total_params_multiple(self) -> float:
         """Base plus every task's own parameters, in backbones (the paper's "Params" column)."""
         extra = sum(self.task_cost(task)["task_params"] for task in self.tasks)
         return (self.base_param_count + extra) / self.base_param_count
+
+    def gate_tensor(self, task: str) -> Tensor | None:
+        """``task``'s gates as a bool tensor on the model's device, in forward order (no host
+        sync; for counting flips), or ``None`` for models without gates."""
+        return None
 
     # -- what callbacks show -------------------------------------------------------------
     def layer_selection(self) -> tuple[list[str], Tensor, float] | None:
@@ -154,6 +165,6 @@ class MultiTaskModel(nn.Module):
     def norm_and_head_tensors(self, task: str) -> dict[str, Tensor]:
         """``norm.<layer>.<key>`` and ``head.<key>``: what every kind of task file stores."""
         tensors = {f"norm.{name}.{k}": v.detach() for name, norm in self.task_norms()
-                   for k, v in norm.norms[task].state_dict().items()}
+                   for k, v in norm.task_norm(task).state_dict().items()}
         tensors.update({f"head.{k}": v.detach() for k, v in self.heads[task].state_dict().items()})
         return tensors

@@ -8,12 +8,14 @@ task is active.
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .tuners import TaskLayer
 
-__all__ = ["TaskNorm", "NORM_TYPES"]
+__all__ = ["TaskNorm", "NORM_TYPES", "task_batchnorms_of"]
 
 #: Norm types that get a copy per task (subclasses such as timm's ``BatchNormAct2d`` and
 #: ``LayerNorm2d`` included).
@@ -43,6 +45,10 @@ class TaskNorm(TaskLayer, nn.Module):
     def _drop_task(self, task: str) -> None:
         del self.norms[task]
 
+    def task_norm(self, task: str) -> nn.Module:
+        """``task``'s own copy of the norm."""
+        return self.norms[task]
+
     def task_parameters(self, task: str):
         yield from self.norms[task].parameters()
 
@@ -69,3 +75,9 @@ class TaskNorm(TaskLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}, active_task={self.active_task}"
+
+
+def task_batchnorms_of(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The BatchNorms that keep running statistics among ``modules`` and their children."""
+    return [m for module in modules for m in module.modules()
+            if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None]
