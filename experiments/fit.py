@@ -31,6 +31,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
+from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
 #: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
@@ -200,6 +201,8 @@ class TapsCLI(LightningCLI):
         best = trainer.checkpoint_callback if trainer is not None else None
         if best is not None:
             trainer.callbacks.append(last_checkpoint(best.dirpath))
+        if trainer is not None:
+            use_beside_target_checkpoint_io(trainer)  # temporary files beside the checkpoint, not in $TMPDIR
         # normalise inputs as the backbone's weights expect (timm pretrained_cfg: 0.5/0.5 for the
         # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
         if hasattr(self.datamodule, "set_normalization"):
@@ -220,7 +223,8 @@ def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
 def main(args: list[str] | None = None) -> TapsCLI:
     with TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                  seed_everything_default=0, save_config_kwargs={"overwrite": False}) as cli:
-        _fit_and_test(cli)
+        with exit_on_sigterm(cli, args):  # SIGTERM (SLURM, Kubernetes): what is saved, how to resume, status 143
+            _fit_and_test(cli)
     return cli
 
 
