@@ -28,6 +28,7 @@ from .checks import check_budget_reachable, check_training_settings, normalize_s
 from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, create_mode
+from .schedules import ResumableLambdaLR
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES"]
 
@@ -443,7 +444,10 @@ class TapsModule(L.LightningModule):
         total = max(1, int(total))
         # memory-efficient: the TAPS phase is a run of its own on the jointly trained base, its own cosine cycle
         boundary = self.mode.schedule_boundary(total, epochs, per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total))
+        # resumed with another length (more --trainer.max_epochs), it continues on this schedule at once
+        unit = "epoch" if per_epoch else "step"
+        described = f"a cosine over {total} {unit}s" + (f", restarted at {boundary}" if boundary else "")
+        scheduler = ResumableLambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total), described, unit)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch" if per_epoch else "step"}}
 
