@@ -31,6 +31,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
+from .inputs import check_against_data, check_data_flags
 from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
@@ -102,6 +103,7 @@ class TapsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_data_flags(cfg.data)  # sizes in range, before anything is built or any folder claimed
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
@@ -182,6 +184,7 @@ class TapsCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_against_data(self)  # task names the adapter files can carry; class names as trained
         except BaseException:
             self._discard_empty_run_folder()
             raise
