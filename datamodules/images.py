@@ -48,6 +48,12 @@ def decode_rgb(path: str | Path) -> tuple[Image.Image, str]:
         with Image.open(path) as img:
             img.load()
             return _to_rgb(img), img.mode
+    except Image.DecompressionBombError as err:  # refused from the header, before anything is decoded
+        raise CorruptImageError(
+            f"{path}: too large to decode ({err}) PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS "
+            f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels) as a guard against decompression bombs. Downscale or "
+            "delete the file (and its split-file line), or pass skip_corrupt=True to skip such files with a warning"
+        ) from err
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
             f"{path}: cannot decode image ({err}). Replace or delete the file (and its split-file line), "

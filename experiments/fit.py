@@ -31,7 +31,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .inputs import check_against_data, check_data_flags
+from .inputs import check_against_data, check_data_flags, task_classes
 from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
@@ -82,7 +82,7 @@ class TapsCLI(LightningCLI):
         parser.add_lightning_class_args(TaskParamLogger, "param_logger")
         parser.add_lightning_class_args(DecathlonScore, "decathlon_score")
         parser.add_lightning_class_args(TaskSimilarityLogger, "similarity_logger")
-        parser.link_arguments("data.num_classes", "model.tasks", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.tasks", compute_fn=task_classes, apply_on="instantiate")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",

@@ -9,13 +9,15 @@ refused with a plain message (no traceback) that names the flag or file and the 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from taps_lightning.checks import class_name_changes, data_class_names
+from taps_lightning.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["check_data_flags", "check_against_data", "data_flag_problems", "MAX_IMAGE_SIZE"]
+__all__ = ["check_data_flags", "check_against_data", "data_flag_problems", "task_classes", "MAX_IMAGE_SIZE"]
 
 #: Largest image side accepted (``image_size``, ``resize_to``): a batch of 32 RGB float images of
 #: 4096 x 4096 already takes 6 GiB before the network; 10000 px grew past 9 GB before anything failed.
@@ -60,6 +62,22 @@ def check_data_flags(data_cfg) -> None:
     problems = data_flag_problems(values)
     if problems:
         raise SystemExit("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+def task_classes(num_classes: dict[str, int]) -> dict[str, int]:
+    """``--model.tasks`` from the data's ``{task: num_classes}``, once the data module exists and
+    before the model does: a task name the model cannot hold (a folder name with a space, a dot,
+    ...) is refused naming the folder's task, instead of a traceback from the model."""
+    bad = [t for t in num_classes if not isinstance(t, str) or not TASK_NAME.match(t)]
+    if bad:
+        raise SystemExit(f"task name(s) {bad[:5]} (from the data's task folders or --data.init_args.tasks) may use "
+                         "only letters, digits, '_' and '-': they name heads, adapter files and logged metrics. "
+                         "Rename the folder(s), e.g. " + ", ".join(f"{t!r} -> {_suggest(t)!r}" for t in bad[:3]))
+    return num_classes
+
+
+def _suggest(task) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]+", "_", str(task)).strip("_") or "task"
 
 
 def _longest_name(folder: Path) -> int:

@@ -72,6 +72,9 @@ class PredictCLI(TrainedCLI):
             raise SystemExit("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
             raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
+        if Path(cfg.output).is_dir():
+            raise SystemExit(f"--output {cfg.output}: is a folder; give the CSV file to write, e.g. "
+                             f"--output {Path(cfg.output) / 'predictions.csv'}")
         check_writable(Path(cfg.output).absolute().parent, "--output", "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
         self.tasks = self.trained.select(cfg.tasks)
@@ -106,15 +109,27 @@ def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, device: to
     return torch.cat(probs), torch.cat(labels)
 
 
+#: What a spreadsheet reads as the start of a formula (OWASP's CSV-injection list).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """``value`` as a CSV text cell that a spreadsheet shows as text: a class name, task or path
+    starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``
+    (opened in Excel or LibreOffice, ``=HYPERLINK(...)`` would otherwise run as a formula)."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
 def csv_rows(images: Sequence[Path], results: dict[str, tuple[Tensor, Tensor, list[str] | None]],
              top_k: int) -> list[list[str]]:
-    """One row per image and task: path, task, then label and probability of each of the top ``top_k``."""
+    """One row per image and task: path, task, then label and probability of each of the top ``top_k``
+    (text cells escaped by :func:`csv_text`)."""
     rows = []
     for i, path in enumerate(images):
         for task, (probs, labels, names) in results.items():
-            row = [str(path), task]
+            row = [csv_text(str(path)), csv_text(task)]
             for label, prob in zip(labels[i].tolist(), probs[i].tolist()):
-                row += [names[label] if names else str(label), f"{prob:.6g}"]
+                row += [csv_text(names[label]) if names else str(label), f"{prob:.6g}"]
             rows.append(row + [""] * (2 + 2 * top_k - len(row)))  # a task with fewer classes than top_k
     return rows
 
@@ -161,5 +176,16 @@ def main(args: list[str] | None = None) -> Path:
     return output
 
 
+def _plain(err: CorruptImageError) -> str:
+    """The error's own message (a DataLoader worker's re-raised error carries its traceback as text)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CorruptImageError as err:  # a user's file: its name and the fix, no traceback
+        raise SystemExit(_plain(err)) from None
