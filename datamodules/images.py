@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataLayoutError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS",
+__all__ = ["DataLayoutError", "UnknownTaskError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS",
            "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -22,6 +22,10 @@ HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class DataLayoutError(FileNotFoundError):
     """The data on disk does not have the benchmark's layout; the message names the path and the fix."""
+
+
+class UnknownTaskError(DataLayoutError, ValueError):
+    """A task name the benchmark (or the data folder) does not have."""
 
 
 class CorruptImageError(OSError):

@@ -31,7 +31,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .inputs import check_against_data, check_data_flags, task_classes
+from .inputs import check_against_data, check_data_flags, run_cli, task_classes
 from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
@@ -103,7 +103,7 @@ class TapsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
-        check_data_flags(cfg.data)  # sizes in range, before anything is built or any folder claimed
+        check_data_flags(cfg.data, cfg.model)  # sizes in range, weights a file: before anything is built or claimed
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
@@ -260,4 +260,4 @@ def _fit_and_test(cli: TapsCLI) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (setting, data folder, image): its message, no traceback

@@ -11,13 +11,38 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
-from taps_lightning.checks import class_name_changes, data_class_names
+from datamodules import CorruptImageError, DataLayoutError
+from taps_lightning import TaskFileError
+from taps_lightning.checks import SettingsError, class_name_changes, data_class_names
 from taps_lightning.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["check_data_flags", "check_against_data", "data_flag_problems", "task_classes", "MAX_IMAGE_SIZE"]
+__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes", "MAX_IMAGE_SIZE"]
+
+#: Errors about what a user gave (a setting, a data folder, an image, a task file), whose message
+#: names it and the fix: the command line prints them without a traceback.
+USER_ERRORS = (SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
+
+
+def plain_message(err: BaseException) -> str:
+    """The error's own message (an error re-raised from a DataLoader worker carries the worker's
+    traceback as text; its last line is the message)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """``main()`` of a command-line tool: a user error ends with its message and status 1, no traceback."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        raise SystemExit(plain_message(err)) from None
+
 
 #: Largest image side accepted (``image_size``, ``resize_to``): a batch of 32 RGB float images of
 #: 4096 x 4096 already takes 6 GiB before the network; 10000 px grew past 9 GB before anything failed.
@@ -53,13 +78,17 @@ def data_flag_problems(init_args: dict) -> list[str]:
     return problems
 
 
-def check_data_flags(data_cfg) -> None:
-    """Refuse out-of-range ``--data.init_args.*`` before anything is built or claimed."""
+def check_data_flags(data_cfg, model_cfg=None) -> None:
+    """Refuse out-of-range ``--data.init_args.*`` (and a ``--model.weights`` that is no file) before
+    anything is built or claimed."""
     init_args = getattr(data_cfg, "init_args", None)
-    if init_args is None:
-        return
-    values = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    values = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
     problems = data_flag_problems(values)
+    weights = getattr(model_cfg, "weights", None)
+    if weights not in (None, "embedded") and not Path(weights).is_file():
+        problems.append(f"--model.weights {weights}: " + ("is a folder" if Path(weights).is_dir() else "no such file")
+                        + "; give a local .pth/.safetensors file (or null for random weights, with "
+                        "--model.pretrained true for timm's hub weights)")
     if problems:
         raise SystemExit("invalid settings:\n  - " + "\n  - ".join(problems))
 

@@ -31,6 +31,7 @@ from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
 from taps_lightning.module import TapsModule
 
+from .inputs import run_cli
 from .runs import check_writable
 from .trained import TrainedCLI, expand_paths
 
@@ -176,16 +177,5 @@ def main(args: list[str] | None = None) -> Path:
     return output
 
 
-def _plain(err: CorruptImageError) -> str:
-    """The error's own message (a DataLoader worker's re-raised error carries its traceback as text)."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except CorruptImageError as err:  # a user's file: its name and the fix, no traceback
-        raise SystemExit(_plain(err)) from None
+    run_cli(main)  # a user error (an undecodable image, a task file): its message, no traceback

@@ -8,8 +8,13 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256", "data_class_names",
-           "class_name_changes"]
+__all__ = ["SettingsError", "PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256",
+           "data_class_names", "class_name_changes"]
+
+class SettingsError(ValueError):
+    """A setting or input refused before it could waste a run; the message names the flag or file and
+    the fix (the command-line tools print it without a traceback)."""
+
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: ``--model.penalty`` values: the paper's per-layer penalty, and one weighted by layer size.
@@ -22,7 +27,7 @@ def normalize_sha256(value: str | None) -> str | None:
         return None
     digest = str(value).strip().lower()
     if not _SHA256.match(digest):
-        raise ValueError(f"--model.weights_sha256 {value!r} is not a SHA-256 digest (64 hexadecimal characters); "
+        raise SettingsError(f"--model.weights_sha256 {value!r} is not a SHA-256 digest (64 hexadecimal characters); "
                          "compute it with `sha256sum FILE`")
     return digest
 
@@ -89,7 +94,7 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                 "zero delta, so its score gradient <dL/dw, delta> is 0 and no layer can ever switch on; the run "
                 "would be a linear probe. Use score_init >= threshold (paper: 0.15 and 0.1), or --model.mode linear")
     if problems:
-        raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems))
+        raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
 def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
@@ -98,7 +103,7 @@ def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
     below = {task: f for task, f in minimum.items() if f > budget}
     if below:
         need = max(minimum.values())
-        raise ValueError(
+        raise SettingsError(
             f"--model.budget {budget} is below what a task stores with no task-specific layer at all (its norms "
             "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
             + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .budget import DEFAULT_BUDGET_RATE, BudgetController, enforce_budget
-from .checks import (check_budget_reachable, check_training_settings, class_name_changes, data_class_names,
-                     normalize_sha256)
+from .checks import (SettingsError, check_budget_reachable, check_training_settings, class_name_changes,
+                     data_class_names, normalize_sha256)
 from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, create_mode
@@ -475,7 +475,7 @@ class TapsModule(L.LightningModule):
         changes = class_name_changes(checkpoint.get("taps_class_names") or {},
                                      data_class_names(self._datamodule(), self.tasks), "the checkpoint")
         if changes:
-            raise ValueError(changes)
+            raise SettingsError(changes)
         if self.budget_controller is not None and "taps_budget" in checkpoint:
             # lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under this budget)
             self.budget_controller.load_state_dict(checkpoint["taps_budget"])

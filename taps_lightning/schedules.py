@@ -16,6 +16,8 @@ from typing import Any, Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from .checks import SettingsError
+
 __all__ = ["ResumableLambdaLR"]
 
 
@@ -47,7 +49,7 @@ class ResumableLambdaLR(LambdaLR):
         if saved != built:
             factor = self.lr_lambdas[0](self.last_epoch)
             if factor == 0:
-                raise ValueError(
+                raise SettingsError(
                     f"resumed after {self.last_epoch} {self.unit}(s) onto {built} (the checkpoint's: {saved}), which "
                     f"has ended: every further {self.unit} would train at learning rate 0. Set --model.cosine_epochs "
                     f"above the {self.unit}s done (or drop it: the schedule then spans --trainer.max_epochs)")

@@ -180,3 +180,46 @@ def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, m
         fit_main(TEST_RESNET + ["--data", "ImageFolderTasks", "--data.init_args.root", str(root),
                                 "--data.init_args.num_workers", "0"])
     assert not list((tmp_path / "logs" / "taps").glob("version_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model.threshold", "0"], r"invalid settings:\n  - --model.threshold \(tau\) must be a finite number > 0"),
+    (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}", "--data.init_args.tasks", "[nope]"],
+     r"unknown task\(s\) \['nope'\] for ImageFolderTasks \(--data.init_args.tasks\); available: \['shapes'\]"),
+    (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}/missing"], r"missing: data folder not found"),
+])
+def test_user_errors_end_with_their_message_not_a_traceback(args, message, tmp_path, monkeypatch):
+    from experiments.inputs import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
+    root = _folder_tasks(tmp_path / "data")
+    with pytest.raises(SystemExit, match=message):
+        run_cli(lambda: fit_main(TEST_RESNET + [a.format(root=root) for a in args]))
+    assert not list((tmp_path / "logs" / "taps").glob("version_*"))
+
+
+@pytest.mark.slow
+def test_fit_command_prints_a_setting_error_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.fit", *TEST_RESNET, "--model.threshold", "0"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--model.threshold (tau) must be a finite number > 0" in result.stderr
+
+
+def test_weights_and_checkpoint_paths_that_are_no_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"--model.weights .*missing.pth: no such file; give a local"):
+        fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path / "missing.pth")])
+    with pytest.raises(SystemExit, match=r"--model.weights .*: is a folder"):
+        fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--ckpt_path: .*: is a folder; give a .ckpt file in it"):
+        fit_main(TEST_RESNET + ["--ckpt_path", str(tmp_path)])
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_task_named_twice_is_used_once():
+    from datamodules import EmbeddedDigits
+
+    assert EmbeddedDigits(tasks=["mnist", "sketch", "mnist"]).tasks == ["mnist", "sketch"]
