@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataLayoutError", "UnknownTaskError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS",
-           "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
+__all__ = ["DataLayoutError", "UnknownTaskError", "CorruptImageError", "ImageListDataset", "collate_skipping_none",
+           "IMAGE_EXTENSIONS", "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 

@@ -20,7 +20,8 @@ from taps_lightning.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes", "MAX_IMAGE_SIZE"]
+__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes",
+           "MAX_IMAGE_SIZE"]
 
 #: Errors about what a user gave (a setting, a data folder, an image, a task file), whose message
 #: names it and the fix: the command line prints them without a traceback.
@@ -62,7 +63,8 @@ def data_flag_problems(init_args: dict) -> list[str]:
 
     for name in ("batch_size", "eval_batch_size"):
         value = init_args.get(name)
-        if name in init_args and not (value is None and name == "eval_batch_size") and not (is_int(value) and value >= 1):
+        optional = value is None and name == "eval_batch_size"  # null: the training batch size
+        if name in init_args and not optional and not (is_int(value) and value >= 1):
             problems.append(f"{flag(name)} must be an integer >= 1 (images per task per step), got {value!r}")
     if "num_workers" in init_args and not (is_int(init_args["num_workers"]) and init_args["num_workers"] >= 0):
         problems.append(f"{flag('num_workers')} must be an integer >= 0 (0: load in the main process), "

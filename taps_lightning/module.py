@@ -447,7 +447,8 @@ class TapsModule(L.LightningModule):
         boundary = self.mode.schedule_boundary(total, epochs, per_epoch)
         # resumed with another length (more --trainer.max_epochs), it continues on this schedule at once
         unit = "epoch" if per_epoch else "step"
-        described = f"a cosine over {total} {unit}s" + (f", restarted at {boundary}" if boundary else "")
+        described = f"a cosine over {total} {unit}{'s' * (total != 1)}"
+        described += f", restarted at {boundary}" if boundary else ""
         scheduler = ResumableLambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total), described, unit)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch" if per_epoch else "step"}}

@@ -40,7 +40,7 @@ def test_one_epoch_then_resumed_to_two_equals_two_straight_bit_for_bit(tmp_path)
     assert rates == [0.05] * steps + [0.05 * cosine_restart(1, 0, 2)] * steps  # 0.05, then 0.025
     _run(tmp_path, "split", 1)
     with pytest.warns(UserWarning, match=r"resumed after 1 epoch\(s\) onto another learning-rate schedule, a cosine "
-                                         r"over 2 epochs \(the checkpoint's: a cosine over 1 epochs\)\. Training "
+                                         r"over 2 epochs \(the checkpoint's: a cosine over 1 epoch\)\. Training "
                                          r"continues on the new one, from 0.5 x the base learning rate"):
         resumed, resumed_rates = _run(tmp_path, "split", 2, ckpt_path=str(tmp_path / "split" / "last.ckpt"))
     assert resumed_rates == rates[steps:]  # not 0.0, the one-epoch cosine's end
@@ -61,7 +61,7 @@ def test_per_step_cosine_resumes_on_the_new_schedule_at_once(tmp_path):
 
 def test_a_resume_onto_a_new_schedule_that_has_ended_is_refused(tmp_path):
     _run(tmp_path, "a", 2)
-    with pytest.raises(ValueError, match=r"resumed after 2 epoch\(s\) onto a cosine over 1 epochs \(the checkpoint's: "
+    with pytest.raises(ValueError, match=r"resumed after 2 epoch\(s\) onto a cosine over 1 epoch \(the checkpoint's: "
                                          r"a cosine over 2 epochs\), which has ended: .*learning rate 0\. Set "
                                          r"--model.cosine_epochs above"):
         _run(tmp_path, "a", 3, ckpt_path=str(tmp_path / "a" / "last.ckpt"), cosine_epochs=1)
