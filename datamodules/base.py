@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DataLayoutError
+from .images import DataLayoutError, UnknownTaskError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, taps_transforms
 
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
@@ -67,7 +67,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, tasks: Sequence[str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
         super().__init__()
-        self._requested_tasks = list(tasks) if tasks else None
+        self._requested_tasks = list(dict.fromkeys(tasks)) if tasks else None  # a task named twice: once
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -111,7 +111,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             return list(available)
         unknown = [t for t in self._requested_tasks if t not in available]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown} for {type(self).__name__}; available: {list(available)}")
+            raise UnknownTaskError(f"unknown task(s) {unknown} for {type(self).__name__} (--data.init_args.tasks); "
+                                   f"available: {list(available)}")
         return list(self._requested_tasks)
 
     @property

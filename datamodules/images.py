@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataLayoutError", "CorruptImageError", "ImageListDataset", "collate_skipping_none", "IMAGE_EXTENSIONS",
-           "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
+__all__ = ["DataLayoutError", "UnknownTaskError", "CorruptImageError", "ImageListDataset", "collate_skipping_none",
+           "IMAGE_EXTENSIONS", "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -22,6 +22,10 @@ HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class DataLayoutError(FileNotFoundError):
     """The data on disk does not have the benchmark's layout; the message names the path and the fix."""
+
+
+class UnknownTaskError(DataLayoutError, ValueError):
+    """A task name the benchmark (or the data folder) does not have."""
 
 
 class CorruptImageError(OSError):
@@ -48,6 +52,12 @@ def decode_rgb(path: str | Path) -> tuple[Image.Image, str]:
         with Image.open(path) as img:
             img.load()
             return _to_rgb(img), img.mode
+    except Image.DecompressionBombError as err:  # refused from the header, before anything is decoded
+        raise CorruptImageError(
+            f"{path}: too large to decode ({err}) PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS "
+            f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels) as a guard against decompression bombs. Downscale or "
+            "delete the file (and its split-file line), or pass skip_corrupt=True to skip such files with a warning"
+        ) from err
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         raise CorruptImageError(
             f"{path}: cannot decode image ({err}). Replace or delete the file (and its split-file line), "

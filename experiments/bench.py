@@ -236,6 +236,62 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
     return res
 
 
+def training_costs(repeats: int, warmup: int, budget: float = 0.3, batches: int | None = None) -> dict:
+    """On the offline default set-up (MobileNetV2, the four embedded digit tasks, batch 32 per task
+    at 64 px, incremental TAPS): the time of one BatchNorm re-estimation (every task, ``batches``
+    batches each: ``--model.recalibrate_batches``' default) as a ratio to one training epoch (the
+    epoch's steps x the median step), and a budget run's training step (its controller reads
+    every task's cost each step) against the plain TAPS step, timed in turn in one process."""
+    import warnings
+
+    from datamodules import EmbeddedDigits
+    from taps_lightning.module import DEFAULT_RECALIBRATE_BATCHES, TapsModule
+
+    batches = batches or DEFAULT_RECALIBRATE_BATCHES
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # the module logs without a Trainer here
+    data = EmbeddedDigits(num_workers=0)
+    data.setup("fit")
+    steps_per_epoch = max(len(data.datasets[t]["train"]) // data.batch_size for t in data.tasks)  # max_size_cycle
+    tasks = data.num_classes
+    modules = {}
+    for name, kw in {"taps": {}, "budget": {"budget": budget}}.items():
+        torch.manual_seed(0)
+        module = TapsModule(backbone="mobilenetv2_100", tasks=tasks, sparsity_warmup_epochs=0, **kw)
+        module.train()
+        modules[name] = (module, torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01,
+                                                 momentum=0.9))
+    loaders = {t: iter(torch.utils.data.DataLoader(data.datasets[t]["train"], batch_size=data.batch_size,
+                                                   shuffle=True, drop_last=True)) for t in tasks}
+    batch = {t: next(loader) for t, loader in loaders.items()}
+
+    def step_of(module, optimizer):
+        def step():
+            loss = module.training_step(batch, 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    names = list(modules)
+    times = dict(zip(names, _interleaved([step_of(*modules[n]) for n in names], repeats, warmup)))
+    taps = modules["taps"][0]
+
+    def recalibrate():
+        for task in tasks:
+            loader = data.norm_dataloader(task, batches)
+            tl.recalibrate_norms(taps.model, task, (x for x, _ in loader))
+
+    recal = _interleaved([recalibrate], max(3, repeats // 5), 1)[0]
+    epoch = steps_per_epoch * statistics.median(times["taps"])
+    med, lo, hi = _ratio(times["budget"], times["taps"])
+    return {"setup": "mobilenetv2_100, embedded digits, 4 tasks x batch 32 at 64 px, incremental TAPS",
+            "threads": torch.get_num_threads(), "steps_per_epoch": steps_per_epoch,
+            "train_step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
+            "budget_step_ratio": med, "budget_step_ratio_spread": [lo, hi],
+            "recalibrate_batches": batches, "recalibrate_s": statistics.median(recal),
+            "recalibrate_epoch_ratio": statistics.median(recal) / epoch}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "vit_small_patch16_224"])
@@ -252,8 +308,21 @@ def main(argv=None) -> list[dict]:
                         help="also train each side alone in a fresh process and compare peak RSS (CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also print the operators that make the TAPS step differ from fine-tuning")
+    parser.add_argument("--training-costs", action="store_true",
+                        help="only: BatchNorm re-estimation time / epoch time, and budget step / TAPS step, on the "
+                             "offline default set-up")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
+    if args.training_costs:
+        row = training_costs(args.repeats, args.warmup)
+        print(f"{row['setup']}, {row['threads']} thread(s)\n"
+              f"| re-estimation ({row['recalibrate_batches']} batches x 4 tasks) / epoch ({row['steps_per_epoch']} steps) "
+              f"| budget step / TAPS step (min-max) |\n|---:|---:|\n"
+              f"| {row['recalibrate_epoch_ratio']:.3f} ({row['recalibrate_s']:.2f} s) | {row['budget_step_ratio']:.3f} "
+              f"({row['budget_step_ratio_spread'][0]:.3f}-{row['budget_step_ratio_spread'][1]:.3f}) |")
+        with open(args.out, "w") as f:
+            json.dump([row], f, indent=2)
+        return [row]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else None

@@ -23,6 +23,7 @@ from callbacks.selection import log_images, save_images, selection_images
 from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
+from .inputs import run_cli
 from .trained import TrainedCLI
 
 #: fit's callbacks that act on training (checkpoints, exports, per-epoch logs): left out here.
@@ -89,4 +90,4 @@ def _evaluate(cli: EvaluateCLI) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (setting, data folder, task file): its message, no traceback

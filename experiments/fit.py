@@ -31,6 +31,8 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.module import TapsModule
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
+from .inputs import check_against_data, check_data_flags, run_cli, task_classes
+from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
 #: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
@@ -80,7 +82,7 @@ class TapsCLI(LightningCLI):
         parser.add_lightning_class_args(TaskParamLogger, "param_logger")
         parser.add_lightning_class_args(DecathlonScore, "decathlon_score")
         parser.add_lightning_class_args(TaskSimilarityLogger, "similarity_logger")
-        parser.link_arguments("data.num_classes", "model.tasks", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.tasks", compute_fn=task_classes, apply_on="instantiate")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
@@ -101,6 +103,7 @@ class TapsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_data_flags(cfg.data, cfg.model)  # sizes in range, weights a file: before anything is built or claimed
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
@@ -181,6 +184,7 @@ class TapsCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            check_against_data(self)  # task names the adapter files can carry; class names as trained
         except BaseException:
             self._discard_empty_run_folder()
             raise
@@ -200,6 +204,8 @@ class TapsCLI(LightningCLI):
         best = trainer.checkpoint_callback if trainer is not None else None
         if best is not None:
             trainer.callbacks.append(last_checkpoint(best.dirpath))
+        if trainer is not None:
+            use_beside_target_checkpoint_io(trainer)  # temporary files beside the checkpoint, not in $TMPDIR
         # normalise inputs as the backbone's weights expect (timm pretrained_cfg: 0.5/0.5 for the
         # authors' ViT, ImageNet's for the CNNs); Decathlon keeps its per-task statistics
         if hasattr(self.datamodule, "set_normalization"):
@@ -220,7 +226,8 @@ def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
 def main(args: list[str] | None = None) -> TapsCLI:
     with TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                  seed_everything_default=0, save_config_kwargs={"overwrite": False}) as cli:
-        _fit_and_test(cli)
+        with exit_on_sigterm(cli, args):  # SIGTERM (SLURM, Kubernetes): what is saved, how to resume, status 143
+            _fit_and_test(cli)
     return cli
 
 
@@ -253,4 +260,4 @@ def _fit_and_test(cli: TapsCLI) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (setting, data folder, image): its message, no traceback

@@ -31,6 +31,7 @@ from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
 from taps_lightning.module import TapsModule
 
+from .inputs import run_cli
 from .runs import check_writable
 from .trained import TrainedCLI, expand_paths
 
@@ -72,6 +73,9 @@ class PredictCLI(TrainedCLI):
             raise SystemExit("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
             raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
+        if Path(cfg.output).is_dir():
+            raise SystemExit(f"--output {cfg.output}: is a folder; give the CSV file to write, e.g. "
+                             f"--output {Path(cfg.output) / 'predictions.csv'}")
         check_writable(Path(cfg.output).absolute().parent, "--output", "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
         self.tasks = self.trained.select(cfg.tasks)
@@ -106,15 +110,27 @@ def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, device: to
     return torch.cat(probs), torch.cat(labels)
 
 
+#: What a spreadsheet reads as the start of a formula (OWASP's CSV-injection list).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """``value`` as a CSV text cell that a spreadsheet shows as text: a class name, task or path
+    starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``
+    (opened in Excel or LibreOffice, ``=HYPERLINK(...)`` would otherwise run as a formula)."""
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
 def csv_rows(images: Sequence[Path], results: dict[str, tuple[Tensor, Tensor, list[str] | None]],
              top_k: int) -> list[list[str]]:
-    """One row per image and task: path, task, then label and probability of each of the top ``top_k``."""
+    """One row per image and task: path, task, then label and probability of each of the top ``top_k``
+    (text cells escaped by :func:`csv_text`)."""
     rows = []
     for i, path in enumerate(images):
         for task, (probs, labels, names) in results.items():
-            row = [str(path), task]
+            row = [csv_text(str(path)), csv_text(task)]
             for label, prob in zip(labels[i].tolist(), probs[i].tolist()):
-                row += [names[label] if names else str(label), f"{prob:.6g}"]
+                row += [csv_text(names[label]) if names else str(label), f"{prob:.6g}"]
             rows.append(row + [""] * (2 + 2 * top_k - len(row)))  # a task with fewer classes than top_k
     return rows
 
@@ -162,4 +178,4 @@ def main(args: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a user error (an undecodable image, a task file): its message, no traceback

@@ -117,7 +117,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     with errors that name ``--ckpt_path`` and the file instead of a traceback."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--ckpt_path: {path}: no such file")
+        raise SystemExit(f"--ckpt_path: {path}: " + ("is a folder; give a .ckpt file in it (e.g. last.ckpt)"
+                                                     if path.is_dir() else "no such file"))
     try:
         # mmap: checking a file (or reading its hyper-parameters) does not read every tensor into memory
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

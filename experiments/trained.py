@@ -66,11 +66,15 @@ class TrainedTasks:
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "TrainedTasks":
         path = Path(path)
-        hparams = read_checkpoint(path).get("hyper_parameters") or {}
+        checkpoint = read_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams.get("tasks"), dict) or "backbone" not in hparams:
             raise SystemExit(f"--ckpt_path: {path}: no TapsModule hyper-parameters (backbone, tasks) in it; "
                              "give a checkpoint written by experiments.fit")
-        return cls(num_classes=dict(hparams["tasks"]), checkpoint=path, hparams=hparams)
+        names = checkpoint.get("taps_class_names")  # recorded by fit: the labels as trained
+        names = names if isinstance(names, dict) else {}
+        return cls(num_classes=dict(hparams["tasks"]), checkpoint=path, hparams=hparams,
+                   stored_class_names={t: names.get(t) for t in hparams["tasks"]})
 
     @classmethod
     def from_files(cls, patterns: Sequence[str]) -> "TrainedTasks":

@@ -8,7 +8,13 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256"]
+__all__ = ["SettingsError", "PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256",
+           "data_class_names", "class_name_changes"]
+
+class SettingsError(ValueError):
+    """A setting or input refused before it could waste a run; the message names the flag or file and
+    the fix (the command-line tools print it without a traceback)."""
+
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: ``--model.penalty`` values: the paper's per-layer penalty, and one weighted by layer size.
@@ -21,7 +27,7 @@ def normalize_sha256(value: str | None) -> str | None:
         return None
     digest = str(value).strip().lower()
     if not _SHA256.match(digest):
-        raise ValueError(f"--model.weights_sha256 {value!r} is not a SHA-256 digest (64 hexadecimal characters); "
+        raise SettingsError(f"--model.weights_sha256 {value!r} is not a SHA-256 digest (64 hexadecimal characters); "
                          "compute it with `sha256sum FILE`")
     return digest
 
@@ -94,7 +100,7 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                 "zero delta, so its score gradient <dL/dw, delta> is 0 and no layer can ever switch on; the run "
                 "would be a linear probe. Use score_init >= threshold (paper: 0.15 and 0.1), or --model.mode linear")
     if problems:
-        raise ValueError("invalid settings:\n  - " + "\n  - ".join(problems))
+        raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
 def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
@@ -103,8 +109,54 @@ def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
     below = {task: f for task, f in minimum.items() if f > budget}
     if below:
         need = max(minimum.values())
-        raise ValueError(
+        raise SettingsError(
             f"--model.budget {budget} is below what a task stores with no task-specific layer at all (its norms "
             "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
             + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "
             f"use --model.budget {math.ceil(need * 1e4) / 1e4} or more")
+
+
+def data_class_names(datamodule, tasks) -> dict[str, list[str] | None]:
+    """``{task: class names}`` as ``datamodule.class_names(task)`` gives them (``None`` when it has no
+    names, or no data module, or the data cannot be read now)."""
+    names_of = getattr(datamodule, "class_names", None)
+    names: dict[str, list[str] | None] = {}
+    for task in tasks:
+        try:
+            found = names_of(task) if names_of is not None else None
+        except (OSError, KeyError, ValueError):  # the data is not there: the data module says so itself
+            found = None
+        names[task] = [str(n) for n in found] if found is not None else None
+    return names
+
+
+def class_name_changes(recorded: dict, current: dict, origin: str) -> str | None:
+    """What differs between the class names ``recorded`` when tasks were trained (a checkpoint's,
+    a task file's) and those of the data now, task by task, or ``None`` when nothing does. Labels
+    are positions in the class list, so a renamed, added or removed class shifts them silently."""
+    problems = []
+    for task, saved in (recorded.items() if isinstance(recorded, dict) else ()):
+        now = current.get(task)
+        if not isinstance(saved, (list, tuple)) or now is None or list(saved) == list(now):
+            continue
+        saved, now = list(saved), list(now)
+        parts = []
+        if len(saved) != len(now):
+            parts.append(f"{len(saved)} classes when trained, {len(now)} in the data")
+        gone, new = [c for c in saved if c not in now], [c for c in now if c not in saved]
+        if gone or new:
+            parts.append(f"only when trained: {_few(gone)}; only in the data: {_few(new)}")
+        moved = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, now)) if a != b]
+        if moved:
+            parts.append("labels that now mean another class: " + _few(moved, quote=False))
+        problems.append(f"task {task!r}: " + "; ".join(parts))
+    if not problems:
+        return None
+    return (f"{origin} was trained with other class names than the data has now (a class folder renamed, added or "
+            "removed?); its labels would silently mean other classes:\n  - " + "\n  - ".join(problems)
+            + "\nUse the data the tasks were trained on (e.g. rename the folders back), or train a new run.")
+
+
+def _few(items: list, limit: int = 5, quote: bool = True) -> str:
+    shown = ", ".join(repr(i) if quote else str(i) for i in items[:limit])
+    return "[" + shown + (f", ... {len(items) - limit} more" if len(items) > limit else "") + "]"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import StartsOffWarning
 from .gate import gate_open
 from .inject import restore_classifier
 from .model import TASK_FORMAT as FORMAT
@@ -217,7 +219,9 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     was_active = model.active_task == task
     if task in model.tasks:
         model.remove_task(task)
-    model.add_task(task, num_classes)
+    with warnings.catch_warnings():  # the file's scores replace the initial ones below
+        warnings.simplefilter("ignore", StartsOffWarning)
+        model.add_task(task, num_classes)
     with torch.no_grad():
         for name, layer in model.taps_layers():
             layer.taps_score[task].copy_(tensors[f"score.{name}"].reshape(()))

@@ -129,6 +129,7 @@ class TapsModel(MultiTaskModel):
     def add_task(self, task: str, num_classes: int) -> None:
         """Add ``task``: zero deltas, fresh scores, copies of the pre-trained norms, a new head."""
         self._check_new_task(task, num_classes)
+        self.config.warn_if_starts_off(task)
         for _, layer in self.task_layers():
             layer.add_task(task)
         self.heads[task] = self._new_head(num_classes)

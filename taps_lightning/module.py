@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .budget import DEFAULT_BUDGET_RATE, BudgetController, enforce_budget
-from .checks import check_budget_reachable, check_training_settings, normalize_sha256
+from .checks import (SettingsError, check_budget_reachable, check_training_settings, class_name_changes,
+                     data_class_names, normalize_sha256)
 from .config import SCORE_INIT, THRESHOLD
 from .factory import create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, create_mode
 from .recalibrate import recalibrate_norms
+from .schedules import ResumableLambdaLR
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
 
@@ -526,7 +528,11 @@ class TapsModule(L.LightningModule):
         total = max(1, int(total))
         # memory-efficient: the TAPS phase is a run of its own on the jointly trained base, its own cosine cycle
         boundary = self.mode.schedule_boundary(total, epochs, per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total))
+        # resumed with another length (more --trainer.max_epochs), it continues on this schedule at once
+        unit = "epoch" if per_epoch else "step"
+        described = f"a cosine over {total} {unit}{'s' * (total != 1)}"
+        described += f", restarted at {boundary}" if boundary else ""
+        scheduler = ResumableLambdaLR(optimizer, lambda i: cosine_restart(i, boundary, total), described, unit)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "epoch" if per_epoch else "step"}}
 
@@ -537,6 +543,8 @@ class TapsModule(L.LightningModule):
         checkpoint["taps_rng_state"] = torch.get_rng_state()
         if self.budget_controller is not None:  # per-task lambdas: a resumed run continues the controller
             checkpoint["taps_budget"] = self.budget_controller.state_dict()
+        # the data's class names: a resume or an evaluation on data whose classes changed is refused
+        checkpoint["taps_class_names"] = data_class_names(self._datamodule(), self.tasks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._norms_fresh = False
@@ -549,6 +557,10 @@ class TapsModule(L.LightningModule):
                     f"checkpoint was trained with {key}={saved[key]!r} but this run has {key}={self.hparams[key]!r}; "
                     "resume with the same --model settings (e.g. --config of the original run) or start a new run"
                 )
+        changes = class_name_changes(checkpoint.get("taps_class_names") or {},
+                                     data_class_names(self._datamodule(), self.tasks), "the checkpoint")
+        if changes:
+            raise SettingsError(changes)
         if self.budget_controller is not None and "taps_budget" in checkpoint:
             # lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under this budget)
             self.budget_controller.load_state_dict(checkpoint["taps_budget"])

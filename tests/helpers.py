@@ -1,7 +1,11 @@
 """Small builders shared by the tests."""
 import copy
+import os
+import time
 import zlib
+from pathlib import Path
 
+import lightning as L
 import timm
 import torch
 from torch import nn
@@ -93,3 +97,22 @@ class TinyTasks:
                 return TensorImageDataset(images, labels, transform)
 
         return _Tiny(batch_size=batch_size, num_workers=0, persistent_workers=False)
+
+
+
+class PauseForSignal(L.Callback):
+    """For subprocess runs (``--trainer.callbacks+=...``): stand still once, as a job waiting for its
+    scheduler's signal. After batch ``batch`` of epoch ``epoch``, if ``marker`` does not exist yet,
+    write the process id there and wait (up to ``timeout`` seconds) until Lightning has received
+    SIGTERM. A resumed run finds the marker and goes on."""
+
+    def __init__(self, marker: str, epoch: int = 1, batch: int = 0, timeout: float = 300.0) -> None:
+        self.marker, self.epoch, self.batch, self.timeout = marker, epoch, batch, timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch != self.epoch or batch_idx != self.batch or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(str(os.getpid()))
+        deadline = time.time() + self.timeout
+        while not trainer.received_sigterm and time.time() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,154 @@
+"""Checks of what a user names on the command line that fit, evaluate and predict share, each
+refused with a plain message (no traceback) that names the flag or file and the fix.
+
+* :func:`check_data_flags`, before any folder is claimed: loader sizes and image sizes in range.
+* :func:`check_against_data`, once the data module exists: task names that the adapter files can
+  carry, and the class names recorded with the trained tasks (a checkpoint's, a task file's)
+  against those of the data now (a renamed class folder would shift every label after it).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from datamodules import CorruptImageError, DataLayoutError
+from taps_lightning import TaskFileError
+from taps_lightning.checks import SettingsError, class_name_changes, data_class_names
+from taps_lightning.multitask import TASK_NAME
+
+from .runs import read_checkpoint
+
+__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes",
+           "MAX_IMAGE_SIZE"]
+
+#: Errors about what a user gave (a setting, a data folder, an image, a task file), whose message
+#: names it and the fix: the command line prints them without a traceback.
+USER_ERRORS = (SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
+
+
+def plain_message(err: BaseException) -> str:
+    """The error's own message (an error re-raised from a DataLoader worker carries the worker's
+    traceback as text; its last line is the message)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """``main()`` of a command-line tool: a user error ends with its message and status 1, no traceback."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        raise SystemExit(plain_message(err)) from None
+
+
+#: Largest image side accepted (``image_size``, ``resize_to``): a batch of 32 RGB float images of
+#: 4096 x 4096 already takes 6 GiB before the network; 10000 px grew past 9 GB before anything failed.
+MAX_IMAGE_SIZE = 4096
+MIN_IMAGE_SIZE = 8
+
+
+def data_flag_problems(init_args: dict) -> list[str]:
+    """Out-of-range data settings in ``init_args`` (a DataModule's arguments), each naming its flag."""
+    problems = []
+
+    def flag(name: str) -> str:
+        return f"--data.init_args.{name}"
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name in ("batch_size", "eval_batch_size"):
+        value = init_args.get(name)
+        optional = value is None and name == "eval_batch_size"  # null: the training batch size
+        if name in init_args and not optional and not (is_int(value) and value >= 1):
+            problems.append(f"{flag(name)} must be an integer >= 1 (images per task per step), got {value!r}")
+    if "num_workers" in init_args and not (is_int(init_args["num_workers"]) and init_args["num_workers"] >= 0):
+        problems.append(f"{flag('num_workers')} must be an integer >= 0 (0: load in the main process), "
+                        f"got {init_args['num_workers']!r}")
+    value = init_args.get("max_train_per_task")
+    if value is not None and not (is_int(value) and value >= 1):
+        problems.append(f"{flag('max_train_per_task')} must be an integer >= 1, or null for every image, got {value!r}")
+    for name in ("image_size", "resize_to"):
+        value = init_args.get(name)
+        if name in init_args and not (is_int(value) and MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE):
+            problems.append(f"{flag(name)} must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (pixels per "
+                            f"side; the paper uses 224), got {value!r}")
+    return problems
+
+
+def check_data_flags(data_cfg, model_cfg=None) -> None:
+    """Refuse out-of-range ``--data.init_args.*`` (and a ``--model.weights`` that is no file) before
+    anything is built or claimed."""
+    init_args = getattr(data_cfg, "init_args", None)
+    values = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
+    problems = data_flag_problems(values)
+    weights = getattr(model_cfg, "weights", None)
+    if weights not in (None, "embedded") and not Path(weights).is_file():
+        problems.append(f"--model.weights {weights}: " + ("is a folder" if Path(weights).is_dir() else "no such file")
+                        + "; give a local .pth/.safetensors file (or null for random weights, with "
+                        "--model.pretrained true for timm's hub weights)")
+    if problems:
+        raise SystemExit("invalid settings:\n  - " + "\n  - ".join(problems))
+
+
+def task_classes(num_classes: dict[str, int]) -> dict[str, int]:
+    """``--model.tasks`` from the data's ``{task: num_classes}``, once the data module exists and
+    before the model does: a task name the model cannot hold (a folder name with a space, a dot,
+    ...) is refused naming the folder's task, instead of a traceback from the model."""
+    bad = [t for t in num_classes if not isinstance(t, str) or not TASK_NAME.match(t)]
+    if bad:
+        raise SystemExit(f"task name(s) {bad[:5]} (from the data's task folders or --data.init_args.tasks) may use "
+                         "only letters, digits, '_' and '-': they name heads, adapter files and logged metrics. "
+                         "Rename the folder(s), e.g. " + ", ".join(f"{t!r} -> {_suggest(t)!r}" for t in bad[:3]))
+    return num_classes
+
+
+def _suggest(task) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]+", "_", str(task)).strip("_") or "task"
+
+
+def _longest_name(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_task_names(tasks, adapter_folder: Path) -> None:
+    """Each task's adapter (``<task>.safetensors``, written through ``.<task>.safetensors.<pid>.tmp``)
+    must be a valid file name: refuse a task name that is too long before training, not at export."""
+    existing = Path(adapter_folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    limit = _longest_name(existing)
+    too_long = [t for t in tasks if len(os.fsencode(f".{t}.safetensors.{os.getpid()}.tmp")) > limit]
+    if too_long:
+        shown = ", ".join(repr(t[:40] + "...") for t in too_long[:3])
+        raise SystemExit(f"task name(s) {shown} too long: the adapter file <task>.safetensors (and its temporary file) "
+                         f"would exceed this file system's {limit}-byte file names. Rename the task folder(s) to "
+                         f"at most {limit - 30} bytes")
+
+
+def check_against_data(cli) -> None:
+    """Once ``cli`` has its data module: task names fit the adapter files, and the class names
+    recorded with the trained tasks are those of the data."""
+    data, cfg = cli.datamodule, cli.config
+    tasks = list(getattr(data, "tasks", None) or [])
+    trained = getattr(cli, "trained", None)
+    if trained is None and getattr(cli, "trainer", None) is not None:  # fit exports <task>.safetensors
+        log_dir = getattr(cli.trainer.logger, "log_dir", None)
+        check_task_names(tasks, Path(cfg.checkpoint.dirpath or Path(log_dir or ".") / "checkpoints") / "adapters")
+    if trained is not None:  # evaluate / predict: names from the task files or the checkpoint
+        recorded, origin = trained.stored_class_names, trained.origin()
+    elif cfg.ckpt_path:
+        recorded, origin = read_checkpoint(cfg.ckpt_path).get("taps_class_names") or {}, str(cfg.ckpt_path)
+    else:
+        return
+    changes = class_name_changes({t: n for t, n in recorded.items() if t in tasks}, data_class_names(data, tasks),
+                                 origin)
+    if changes:
+        raise SystemExit(changes)
