@@ -173,12 +173,14 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def norm_dataloader(self, task: str, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The first ``num_batches x batch_size`` images of a fixed permutation of ``task``'s
-        :meth:`norm_dataset` (the same images every time), this process's share of them under
-        DDP. Its own random generator: the global RNG (augmentation, shuffling) is not touched."""
+        :meth:`norm_dataset` (the same images every time; full batches only, unless the task has
+        fewer images than one batch), this process's share of them under DDP. Its own random generator: the global RNG (augmentation, shuffling) is not touched."""
         dataset = self.norm_dataset(task)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
         chosen = order[: num_batches * self.batch_size]
         batches = [chosen[i:i + self.batch_size].tolist() for i in range(0, len(chosen), self.batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < self.batch_size:  # full batches only: a batch of one image
+            batches.pop()                                          # has no variance to estimate (BatchNorm refuses it)
         return DataLoader(
             dataset, batch_sampler=batches[rank::world_size], collate_fn=getattr(dataset, "collate_fn", None),
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
