@@ -114,13 +114,13 @@ def exact_and_magnitude(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor)
 
 
 def assert_rounding_close(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor | float, terms: int,
-                          msg: str = "") -> None:
-    """``|got - exact| <= gamma_terms * magnitude`` elementwise, with ``u`` of ``got``'s dtype:
-    ``got`` is the float64 ``exact`` up to the rounding of sums whose products add up to
-    ``magnitude`` in absolute value, ``terms`` the roundings one product can meet on its way
+                          msg: str = "", dtype: torch.dtype | None = None) -> None:
+    """``|got - exact| <= gamma_terms * magnitude`` elementwise, with ``u`` of ``dtype`` (default
+    ``got``'s): ``got`` is the float64 ``exact`` up to the rounding of sums whose products add up
+    to ``magnitude`` in absolute value, ``terms`` the roundings one product can meet on its way
     (the lengths of the chained sums, plus one per rounded operand), in any order."""
     got = got.detach()
-    u = torch.finfo(got.dtype).eps / 2
+    u = torch.finfo(dtype or got.dtype).eps / 2
     gamma = terms * u / (1 - terms * u)
     err = (got.double() - exact.double()).abs()
     magnitude = torch.as_tensor(magnitude, dtype=torch.float64).expand_as(err)
