@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from helpers import TinyTasks, tiny_resnet
+from helpers import TinyTasks, assert_rounding_close, tiny_resnet
 from taps_lightning import gate_states
 from taps_lightning.budget import BudgetController, enforce_budget
 from taps_lightning.module import TapsModule
@@ -109,11 +109,13 @@ def test_module_loss_uses_the_chosen_penalty():
     batch = {"a": (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]))}
     total = module.training_step(batch, 0)
     with torch.no_grad():
-        ce = nn.functional.cross_entropy(module.model(batch["a"][0], "a"), batch["a"][1])
+        ce = float(nn.functional.cross_entropy(module.model(batch["a"][0], "a"), batch["a"][1]))
         layers = [l for _, l in module.model.taps_layers()]
-        n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers])
-        s = torch.stack([l.taps_score["a"] for l in layers]).abs()
-    torch.testing.assert_close(total.detach(), ce + 0.7 * (n / n.sum() * s).sum())
+        n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers], dtype=torch.float64)
+        s = torch.stack([l.taps_score["a"] for l in layers]).abs().double()
+    penalty = float((n / n.sum() * s).sum())  # float64: positive terms, so the sum is their magnitude
+    # the same cross-entropy, plus the fp32 penalty: 20 weighted terms, a product and a sum
+    assert_rounding_close(total, torch.tensor(ce + 0.7 * penalty), ce + 0.7 * penalty, terms=24)
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -318,13 +320,15 @@ def test_a_budget_run_adds_each_tasks_own_lambda_times_the_params_penalty():
     lams = module.budget_controller.lam  # one controller step from the all-on start: each rose by the rate
     assert lams == pytest.approx({"a": 0.35, "b": 1.75})
     layers = [l for _, l in module.model.taps_layers()]
-    n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers])
+    n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers], dtype=torch.float64)
     expected = 0.0
     with torch.no_grad():
         for task, (x, y) in batch.items():
-            s = torch.stack([l.taps_score[task] for l in layers]).abs()
-            expected += nn.functional.cross_entropy(module.model(x, task), y) + lams[task] * (n / n.sum() * s).sum()
-    torch.testing.assert_close(total.detach(), expected)
+            s = torch.stack([l.taps_score[task] for l in layers]).abs().double()
+            expected += float(nn.functional.cross_entropy(module.model(x, task), y)) + lams[task] * float(
+                (n / n.sum() * s).sum())
+    # positive terms (the magnitude is the value): two cross-entropies, two fp32 penalties of 20 terms
+    assert_rounding_close(total, torch.tensor(expected), expected, terms=26)
 
 
 def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step():
