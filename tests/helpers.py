@@ -72,6 +72,7 @@ class TinyTasks:
 
     @staticmethod
     def make(tasks=("a", "b"), classes=(4, 3), n=24, size=32, batch_size=8, nan_task=None):
+        """``n`` samples per task and split (or ``{task: n}``), labels ``0, 1, ..., k-1, 0, 1, ...``."""
         from datamodules.base import MultiTaskDataModule, TensorImageDataset
 
         class _Tiny(MultiTaskDataModule):
@@ -82,8 +83,9 @@ class TinyTasks:
             def build_dataset(self, task, split):
                 g = torch.Generator().manual_seed(zlib.crc32(f"{task}/{split}".encode()))  # hash() varies per process
                 k = self.available_tasks[task]
-                labels = torch.arange(n) % k
-                images = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
+                count = n[task] if isinstance(n, dict) else n
+                labels = torch.arange(count) % k
+                images = torch.randint(0, 60, (count, 3, size, size), generator=g, dtype=torch.uint8)
                 half = size // 2
                 for i, y in enumerate(labels.tolist()):
                     r, c = divmod(y % 4, 2)
