@@ -374,6 +374,43 @@ def test_cosine_schedule_restarts_for_the_taps_phase():
     assert cosine_restart(70, 40, 100) == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("scheduler", ["cosine_step", "cosine"])
+def test_memory_efficient_cosine_restarts_at_full_rate_when_the_taps_phase_starts(scheduler, tmp_path):
+    """2 joint epochs then 3 of TAPS, 3 optimizer steps an epoch (24 samples, batches of 8): the
+    learning rate of every step (``cosine_step``) or epoch (``cosine``) follows a cosine from the
+    full rate over the joint phase, and a second one from the full rate again at step
+    joint_epochs x steps_per_epoch = 6 (epoch 2), written out here."""
+    import math
+
+    data = TinyTasks.make(n=24, batch_size=8)
+    module = TapsModule(tasks=data.num_classes, mode="memory_efficient", joint_epochs=2, scheduler=scheduler,
+                        **{**TINY, "lr": 0.2}, score_lr=0.3)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, [g["lr"] for g in trainer.optimizers[0].param_groups]))
+
+    _trainer(tmp_path, max_epochs=5, limit_val_batches=0, callbacks=[Spy()]).fit(module, data)
+    steps_per_epoch = 3
+    assert [epoch for epoch, _ in seen] == [e for e in range(5) for _ in range(steps_per_epoch)]
+
+    def cosine(i, length):
+        return 0.5 * (1 + math.cos(math.pi * i / length))
+
+    if scheduler == "cosine_step":
+        boundary, total = 2 * steps_per_epoch, 5 * steps_per_epoch
+        factors = [cosine(i, boundary) if i < boundary else cosine(i - boundary, total - boundary)
+                   for i in range(total)]
+    else:  # once per epoch: every step of an epoch at that epoch's rate
+        factors = [cosine(e, 2) if e < 2 else cosine(e - 2, 3) for e in range(5) for _ in range(steps_per_epoch)]
+    expected = [rate * f for f in factors for rate in (0.2, 0.3)]  # the weights, and the scores' own rate
+    assert [lr for _, lrs in seen for lr in lrs] == pytest.approx(expected, abs=1e-12)
+    first_taps_step = 2 * steps_per_epoch
+    assert seen[first_taps_step][1] == pytest.approx([0.2, 0.3], abs=1e-12)  # back to the full rate
+    assert seen[first_taps_step - 1][1][0] < 0.2 * 0.9  # and not before
+
+
 def test_authors_recipe_preset_step_equals_their_loop(tmp_path):
     """configs/authors_recipe.yaml through Lightning (accumulate_grad_batches, averaged gradients,
     its lr) against the authors' train_sequential.py loop written out: 8 batches' summed gradients,
