@@ -1,6 +1,7 @@
 """TapsModule with Lightning: every mode, resume equality, bf16, DDP (gloo) and bad input."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -180,16 +181,34 @@ def test_scores_have_their_own_lr_and_no_weight_decay():
 
 
 def test_sparsity_warmup_delays_the_penalty(tmp_path):
+    """The training loss itself: cross-entropy alone in the warm-up epoch, cross-entropy plus
+    lambda x mean |score| per task after it, against the model and batch of that step by hand."""
     data = TinyTasks.make()
     module = TapsModule(tasks=data.num_classes, **{**TINY, "sparsity_warmup_epochs": 1}, lam=0.7)
     seen = []
 
     class Spy(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            seen.append(pl_module.lam_now())
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = (copy.deepcopy(pl_module.model), batch, pl_module.lam_now())
 
-    _trainer(tmp_path, callbacks=[Spy()]).fit(module, data)
-    assert seen == [0.0, 0.7]
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.current_epoch, outputs["loss"].detach(), *self.before))
+
+    _trainer(tmp_path, callbacks=[Spy()], limit_val_batches=0).fit(module, data)
+    assert [epoch for epoch, *_ in seen] == [0, 0, 0, 1, 1, 1]
+    for epoch, loss, model, batch, lam_now in seen:
+        lam = 0.0 if epoch == 0 else 0.7
+        assert lam_now == lam
+        ce = penalty = 0.0
+        with torch.no_grad():
+            for task, (x, y) in batch.items():
+                ce += float(F.cross_entropy(model.train()(x, task), y))  # the step's own forward, repeated
+                scores = [abs(layer.taps_score[task].item()) for _, layer in model.taps_layers()]
+                penalty += math.fsum(scores) / len(scores)
+        assert penalty > 0.1  # so the penalty term (0.7 x this) is far above the rounding allowed
+        # two tasks' cross-entropies plus lambda x (a sum of L scores / L): the terms are positive
+        assert_rounding_close(loss, torch.tensor(ce + lam * penalty), ce + lam * penalty,
+                              terms=len(model.gated_names) + 4, msg=f"epoch {epoch}")
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
