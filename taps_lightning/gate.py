@@ -61,13 +61,14 @@ class _GatedWeight(torch.autograd.Function):
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """``<a, b>`` without a temporary of their size (fp32 accumulation for half tensors).
-    Both are flattened in ``a``'s memory order, a view when they share a layout (e.g. both
-    channels_last, where a plain ``reshape(-1)`` would copy each)."""
+    """``<a, b>`` without a temporary of their size (fp32 accumulation for half tensors, fp64
+    stays fp64). Both are flattened in ``a``'s memory order, a view when they share a layout
+    (e.g. both channels_last, where a plain ``reshape(-1)`` would copy each)."""
     order = sorted(range(a.dim()), key=a.stride, reverse=True)
     a, b = a.permute(order).reshape(-1), b.permute(order).reshape(-1)
-    if a.dtype != torch.float32 or b.dtype != torch.float32:
-        a, b = a.float(), b.float()
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    if a.dtype != dtype or b.dtype != dtype:
+        a, b = a.to(dtype), b.to(dtype)
     return torch.dot(a, b)
 
 

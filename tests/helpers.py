@@ -1,9 +1,10 @@
-"""Small builders shared by the tests."""
+"""Small builders shared by the tests, and the rounding-aware comparison of reductions."""
 import copy
 import os
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import timm
@@ -75,6 +76,7 @@ class TinyTasks:
 
     @staticmethod
     def make(tasks=("a", "b"), classes=(4, 3), n=24, size=32, batch_size=8, nan_task=None):
+        """``n`` samples per task and split (or ``{task: n}``), labels ``0, 1, ..., k-1, 0, 1, ...``."""
         from datamodules.base import MultiTaskDataModule, TensorImageDataset
 
         class _Tiny(MultiTaskDataModule):
@@ -85,8 +87,9 @@ class TinyTasks:
             def build_dataset(self, task, split):
                 g = torch.Generator().manual_seed(zlib.crc32(f"{task}/{split}".encode()))  # hash() varies per process
                 k = self.available_tasks[task]
-                labels = torch.arange(n) % k
-                images = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
+                count = n[task] if isinstance(n, dict) else n
+                labels = torch.arange(count) % k
+                images = torch.randint(0, 60, (count, 3, size, size), generator=g, dtype=torch.uint8)
                 half = size // 2
                 for i, y in enumerate(labels.tolist()):
                     r, c = divmod(y % 4, 2)
@@ -116,3 +119,40 @@ class PauseForSignal(L.Callback):
         deadline = time.time() + self.timeout
         while not trainer.received_sigterm and time.time() < deadline:
             time.sleep(0.05)
+
+
+# -- comparing reductions ------------------------------------------------------------------------
+# A sum of n products computed in another order (another thread count, vector width or kernel)
+# differs in its last bits, and cancellation can make the result 1000x smaller than what was
+# added, so no tolerance relative to the result is safe. Whatever the order, the error of a sum
+# of n products is at most gamma_n = n u / (1 - n u) times the sum of their absolute values
+# (u = eps / 2 of the dtype; Higham, Accuracy and Stability of Numerical Algorithms, 3.1). The
+# tests compare a computed reduction with its float64 value and allow exactly that bound.
+
+def exact_and_magnitude(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn`` on float64 copies of ``tensors`` (the exact value, to float64's 1e-16) and on their
+    absolute values (the sum of the |products| it adds up). ``fn`` must be multilinear: sums of
+    products (conv, linear, matmul, dot, sum), no non-linearity."""
+    exact = fn(*(t.detach().double() for t in tensors))
+    magnitude = fn(*(t.detach().double().abs() for t in tensors))
+    return exact, magnitude
+
+
+def assert_rounding_close(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor | float, terms: int,
+                          msg: str = "", dtype: torch.dtype | None = None) -> None:
+    """``|got - exact| <= gamma_terms * magnitude`` elementwise, with ``u`` of ``dtype`` (default
+    ``got``'s): ``got`` is the float64 ``exact`` up to the rounding of sums whose products add up
+    to ``magnitude`` in absolute value, ``terms`` the roundings one product can meet on its way
+    (the lengths of the chained sums, plus one per rounded operand), in any order."""
+    got = got.detach()
+    u = torch.finfo(dtype or got.dtype).eps / 2
+    gamma = terms * u / (1 - terms * u)
+    err = (got.double() - exact.double()).abs()
+    magnitude = torch.as_tensor(magnitude, dtype=torch.float64).expand_as(err)
+    bad = err > gamma * magnitude
+    if bool(bad.any()):
+        ratio = float((err / (u * magnitude).clamp_min(1e-300)).max())
+        raise AssertionError(
+            f"{msg + ': ' if msg else ''}{int(bad.sum())} of {bad.numel()} element(s) differ from the exact value by "
+            f"more than gamma_{terms} x the sum of |terms| (worst: {ratio:.3g} u x it, u = {u:.3g}); "
+            f"got {got.reshape(-1)[:4].tolist()}, exact {exact.reshape(-1)[:4].tolist()}")

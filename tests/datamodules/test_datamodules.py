@@ -46,6 +46,84 @@ def test_image_folder_counts_labels_and_greyscale(tmp_path):
     assert label == 1 and image.shape == (3, 8, 8)  # greyscale JPEG converted to RGB
 
 
+class _Listing:
+    """What ``os.scandir`` returns (an iterator and a context manager), over given entries."""
+
+    def __init__(self, entries):
+        self._entries = iter(entries)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._entries)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        pass
+
+
+def _unsorted_listing(monkeypatch, order: str) -> None:
+    """Make every directory listing (``os.listdir``, ``os.scandir`` and so ``Path.iterdir``, glob,
+    ``os.walk``) come in an order that is not sorted: ``reversed``, or sorted and ``rotated`` by
+    two, as some file systems list."""
+    import os
+
+    listdir, scandir = os.listdir, os.scandir
+
+    def arrange(items, key):
+        items = sorted(items, key=key)
+        return items[::-1] if order == "reversed" else items[2:] + items[:2]
+
+    def unsorted_scandir(path="."):
+        with scandir(path) as it:
+            return _Listing(arrange(list(it), key=lambda e: e.name))
+
+    monkeypatch.setattr(os, "listdir", lambda path=".": arrange(listdir(path), key=str))
+    monkeypatch.setattr(os, "scandir", unsorted_scandir)
+
+
+@pytest.mark.parametrize("order", ["reversed", "rotated"])
+def test_label_i_is_the_ith_sorted_class_folder_whatever_the_listing_order(tmp_path, monkeypatch, order):
+    """Labels are positions in the sorted class-folder names (code-point order: digits, upper case,
+    lower case), never in the order the file system lists them."""
+    import os
+
+    names = ["zebra", "Apple", "mango", "banana", "10", "9"]
+    by_label = sorted(names)  # ['10', '9', 'Apple', 'banana', 'mango', 'zebra']
+    for split in ("train", "test"):
+        for name in names:
+            for i in range(2):
+                _img(tmp_path / "t" / split / name / f"{i}.jpg", 10 * names.index(name) + i)
+    _unsorted_listing(monkeypatch, order)
+    listed = os.listdir(tmp_path / "t" / "train")
+    assert listed != by_label and sorted(listed) == by_label  # the listing really is out of order
+    assert [p.name for p in (tmp_path / "t" / "train").iterdir()] == listed
+
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=4)
+    assert dm.num_classes == {"t": 6} and dm.class_names("t") == by_label
+    dm.setup("fit")
+    for split in ("train", "val"):
+        dataset = dm.datasets["t"][split]
+        assert len(dataset.samples) == 12
+        for path, label in dataset.samples:
+            assert Path(path).parent.name == by_label[label], (split, path, label)
+    # and what the loader hands out: each image's colour (red = 10 x its folder's place in `names`)
+    # beside the label of that folder
+    from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    val = dm.datasets["t"]["val"]
+    for i in range(len(val)):
+        image, label = val[i]
+        red = float(image[0].mean()) * IMAGENET_STD[0] * 255 + IMAGENET_MEAN[0] * 255
+        assert names[round((red - 0.5) / 10)] == by_label[label], (i, red, label)
+
+
 def test_joint_batches_are_tagged_by_task(tmp_path):
     _folder_tree(tmp_path)
     dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)

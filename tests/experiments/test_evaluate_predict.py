@@ -145,7 +145,9 @@ def test_evaluate_under_ddp_equals_fit_test(in_root, runs):
 
 def _digit_images(folder: Path) -> tuple[list[Path], torch.Tensor]:
     """Three stored mnist test digits as PNGs (32 px) and one upscaled to 40x48 (not square)."""
-    data = torch.load(next(Path(os.environ["TAPS_DATA_HOME"]).rglob("digits_*.pt")), weights_only=True)
+    stored = sorted(Path(os.environ["TAPS_DATA_HOME"]).rglob("digits_v*_s32_seed0.pt"))  # what TINY's runs built
+    assert len(stored) == 1, stored
+    data = torch.load(stored[0], weights_only=True)
     images = data["mnist"]["test"][0][:3]
     folder.mkdir()
     paths = []

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from helpers import TinyTasks, tiny_resnet
+from helpers import TinyTasks, assert_rounding_close, tiny_resnet
 from taps_lightning import gate_states
 from taps_lightning.budget import BudgetController, enforce_budget
 from taps_lightning.module import TapsModule
@@ -76,6 +76,43 @@ def test_enforce_budget_switches_off_the_lowest_scores_until_the_task_fits():
     assert enforce_budget(model, "a", budget) == []  # within budget: nothing changes
 
 
+# Scores low on big layers and on small ones, and budgets with 1000 weights of slack, so the layers
+# switched off follow from the README's rule by hand (layer sizes read from a plain resnet18):
+# "lowest scores first until it fits, then those switched off that would still fit are switched
+# back on, highest score first".
+ENFORCE_CASES = {
+    # three big layers with the lowest scores: dropping two is not enough, nothing fits back
+    "lowest_first": ({"layer4.1.conv2": 0.11, "layer4.1.conv1": 0.12, "layer4.0.conv2": 0.13},
+                     ("layer4.1.conv2", "layer4.1.conv1", "layer4.0.conv2"),
+                     {"layer4.1.conv2", "layer4.1.conv1", "layer4.0.conv2"}),
+    # two small layers go first, then a big one; room for one small layer again: the higher-scored
+    # of the two comes back
+    "readmit_highest": ({"layer1.0.conv1": 0.11, "layer1.0.conv2": 0.115, "layer4.1.conv2": 0.12},
+                        ("layer4.1.conv2", "layer1.0.conv1"), {"layer1.0.conv1", "layer4.1.conv2"}),
+}
+
+
+@pytest.mark.parametrize("case", list(ENFORCE_CASES))
+def test_enforce_budget_switches_off_what_the_rule_says(case):
+    low, freed_by, expected = ENFORCE_CASES[case]
+    sizes, base, own = _plain_counts(3)
+    budget = (sum(sizes.values()) - sum(sizes[n] for n in freed_by) + 1000 + own) / base
+    model = tiny_resnet({"a": 3})
+    layers = dict(model.taps_layers())
+    with torch.no_grad():  # every other layer well above, all distinct
+        for i, name in enumerate(sorted(layers)):
+            layers[name].taps_score["a"].fill_(low.get(name, 0.5 + 0.01 * i))
+    before = {n: layers[n].taps_score["a"].item() for n in layers}
+    dropped = enforce_budget(model, "a", budget)
+    assert set(dropped) == expected
+    assert len(dropped) == len(expected)
+    for name, layer in layers.items():
+        score = layer.taps_score["a"].item()
+        assert score == (pytest.approx(model.threshold - 1e-3) if name in expected else before[name]), name
+    stored = sum(sizes.values()) - sum(sizes[n] for n in expected) + own  # by hand
+    assert model.task_cost("a")["task_params"] == stored and stored <= budget * base
+
+
 # -- the parameter-weighted penalty -----------------------------------------------------------------
 def test_params_penalty_weights_each_score_by_its_layers_share_of_gated_weights():
     model = tiny_resnet({"a": 3}).double()
@@ -109,11 +146,13 @@ def test_module_loss_uses_the_chosen_penalty():
     batch = {"a": (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]))}
     total = module.training_step(batch, 0)
     with torch.no_grad():
-        ce = nn.functional.cross_entropy(module.model(batch["a"][0], "a"), batch["a"][1])
+        ce = float(nn.functional.cross_entropy(module.model(batch["a"][0], "a"), batch["a"][1]))
         layers = [l for _, l in module.model.taps_layers()]
-        n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers])
-        s = torch.stack([l.taps_score["a"] for l in layers]).abs()
-    torch.testing.assert_close(total.detach(), ce + 0.7 * (n / n.sum() * s).sum())
+        n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers], dtype=torch.float64)
+        s = torch.stack([l.taps_score["a"] for l in layers]).abs().double()
+    penalty = float((n / n.sum() * s).sum())  # float64: positive terms, so the sum is their magnitude
+    # the same cross-entropy, plus the fp32 penalty: 20 weighted terms, a product and a sum
+    assert_rounding_close(total, torch.tensor(ce + 0.7 * penalty), ce + 0.7 * penalty, terms=24)
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -298,6 +337,48 @@ def test_step_size_halves_on_an_overshoot_and_grows_back():
     assert c.step_size["a"] == pytest.approx(0.0525) and c.lam["a"] == pytest.approx(1.05 - 0.0525 * 0.5)
 
 
+def _shrink(c: BudgetController) -> BudgetController:
+    """Over, over, under (the step halves), over (halves again), held: ``a``'s step size is a
+    quarter of the rate, ``b``'s (always over) the rate."""
+    over, under, held = 2 * c.budget, c.budget - 2 * c.band, c.budget - c.band / 2
+    for fraction in (over, over, under, over, held):
+        c.update({"a": fraction, "b": over})
+    assert c.step_size["a"] == pytest.approx(c.rate / 4) and c.step_size["b"] == c.rate
+    return c
+
+
+def _continue(c: BudgetController) -> list[tuple[dict, dict]]:
+    """Ten more steps from a fixed fraction sequence: every lambda and step size on the way."""
+    seen = []
+    for relative in (1.5, 1.5, 0.5, 1.25, 0.25, 1.5, 0.95, 2.0, 2.0, 0.5):
+        seen.append((c.update({"a": relative * c.budget, "b": 0.5 * c.budget}), dict(c.step_size)))
+    return seen
+
+
+def test_a_shrunk_step_size_is_restored_and_the_controller_continues_exactly():
+    """The round trips above stop while the step size still equals the rate; here it has halved
+    twice, and a restored controller must take the same steps as the one that never stopped."""
+    c = _shrink(BudgetController(["a", "b"], budget=0.2, lam_init=0.0, rate=0.1, band=0.02))
+    state = c.state_dict()
+    d = BudgetController(["a", "b"], budget=0.2, lam_init=0.0, rate=0.1, band=0.02)
+    d.load_state_dict(state)
+    assert d.state_dict() == state
+    assert _continue(d) == _continue(c)
+
+
+def test_a_resumed_module_continues_a_shrunk_controller(tmp_path):
+    """Through the module's checkpoint hooks, as Lightning calls them on ``--ckpt_path``."""
+    module = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
+    _shrink(module.budget_controller)
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "c.ckpt")
+    resumed = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
+    resumed.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
+    assert resumed.budget_controller.state_dict() == module.budget_controller.state_dict()
+    assert _continue(resumed.budget_controller) == _continue(module.budget_controller)
+
+
 def test_controller_refuses_bad_settings_and_eases_a_task_with_nothing_left():
     for kwargs in (dict(budget=0.0), dict(budget=1.2), dict(rate=0.0), dict(band=0.0), dict(lam_init=-1.0)):
         with pytest.raises(ValueError, match="BudgetController needs"):
@@ -318,13 +399,15 @@ def test_a_budget_run_adds_each_tasks_own_lambda_times_the_params_penalty():
     lams = module.budget_controller.lam  # one controller step from the all-on start: each rose by the rate
     assert lams == pytest.approx({"a": 0.35, "b": 1.75})
     layers = [l for _, l in module.model.taps_layers()]
-    n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers])
+    n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers], dtype=torch.float64)
     expected = 0.0
     with torch.no_grad():
         for task, (x, y) in batch.items():
-            s = torch.stack([l.taps_score[task] for l in layers]).abs()
-            expected += nn.functional.cross_entropy(module.model(x, task), y) + lams[task] * (n / n.sum() * s).sum()
-    torch.testing.assert_close(total.detach(), expected)
+            s = torch.stack([l.taps_score[task] for l in layers]).abs().double()
+            expected += float(nn.functional.cross_entropy(module.model(x, task), y)) + lams[task] * float(
+                (n / n.sum() * s).sum())
+    # positive terms (the magnitude is the value): two cross-entropies, two fp32 penalties of 20 terms
+    assert_rounding_close(total, torch.tensor(expected), expected, terms=26)
 
 
 def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import explicit_task_network, randomize_tasks, single_task_layer, tiny_resnet
+from tests.helpers import assert_rounding_close, explicit_task_network, randomize_tasks, single_task_layer, tiny_resnet
 
 TAU = 0.1
 
@@ -21,9 +21,8 @@ INPUTS = {"conv2d": (2, 4, 9, 9), "conv2d_groups_dilation": (2, 4, 7, 7), "conv2
           "conv1d": (2, 4, 11), "conv3d": (1, 4, 4, 5, 5), "linear": (2, 3, 4)}
 
 
-def _explicit(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The layer's own maths written out with ``w`` as the weight (bias detached)."""
-    bias = None if layer.bias is None else layer.bias.detach()
+def _explicit(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's own maths written out with ``w`` as the weight and ``bias`` as the bias."""
     if isinstance(layer, nn.Linear):
         return x @ w.t() + bias
     if layer.padding_mode != "zeros":
@@ -35,41 +34,61 @@ def _explicit(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     return conv(x, w, bias, layer.stride, padding, layer.dilation, layer.groups)
 
 
+def _reference(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, upstream: torch.Tensor) -> dict[str, tuple]:
+    """``{"out" | "x" | "w" | "bias": (exact, magnitude, terms)}``: the explicit layer and its
+    gradients for ``upstream`` in float64, on absolute values (the sum of |products| of each
+    result) and on ones (how many products each result sums: its rounding count)."""
+    runs = []
+    for f in (lambda t: t.detach().double(), lambda t: t.detach().double().abs(),
+              lambda t: torch.ones_like(t, dtype=torch.float64)):
+        xr, wr = f(x).requires_grad_(), f(w).requires_grad_()
+        br = None if layer.bias is None else f(layer.bias).requires_grad_()
+        out = _explicit(layer, xr, wr, br)
+        out.backward(f(upstream))
+        runs.append({"out": out.detach(), "x": xr.grad, "w": wr.grad, "bias": None if br is None else br.grad})
+    exact, magnitude, count = runs
+    return {k: (exact[k], magnitude[k], None if count[k] is None else int(count[k].max())) for k in exact}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("on", [True, False])
 @pytest.mark.parametrize("train_base", [True, False])
-def test_outputs_and_gradients_match_explicit_weight(kind, on, train_base):
+def test_outputs_and_gradients_match_explicit_weight(kind, on, train_base, dtype):
+    """Against the explicit layer in float64, each result within the rounding of its sums
+    (gamma_n x the sum of |products|, whatever the order a kernel adds them in)."""
     torch.manual_seed(0)
-    module = LAYERS[kind]()
+    module = LAYERS[kind]().to(dtype)
     module.weight.requires_grad_(train_base)
     layer = single_task_layer(module, TAU)
     delta, score = layer.taps_delta["t"], layer.taps_score["t"]
     with torch.no_grad():
         delta.normal_()
         score.fill_(0.4 if on else 0.02)
-    x = torch.randn(INPUTS[kind], requires_grad=True)
+    x = torch.randn(INPUTS[kind], dtype=dtype, requires_grad=True)
 
     out = layer(x)
     assert out.grad_fn is not None and "GatedLayer" in type(out.grad_fn).__name__  # the fused path ran
     upstream = torch.randn_like(out)
     out.backward(upstream)
 
-    x_ref = x.detach().clone().requires_grad_(True)
-    w = (module.weight.detach() + (delta.detach() if on else 0)).requires_grad_(True)
-    expected = _explicit(module, x_ref, w)
-    torch.testing.assert_close(out, expected)
-    expected.backward(upstream)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(delta.grad, w.grad if on else torch.zeros_like(w))
-    torch.testing.assert_close(score.grad, (w.grad * delta.detach()).sum())
+    w = module.weight.detach() + (delta.detach() if on else 0)  # rounded as the layer rounds it
+    ref = _reference(module, x, w, upstream)
+    assert_rounding_close(out, *ref["out"], msg="output")
+    assert_rounding_close(x.grad, *ref["x"], msg="dL/dx")
+    grad_w, grad_w_magnitude, grad_w_terms = ref["w"]
+    assert_rounding_close(delta.grad, grad_w * on, grad_w_magnitude * on, grad_w_terms, msg="dL/ddelta")
+    delta64 = delta.detach().double()
+    assert_rounding_close(score.grad, (grad_w * delta64).sum(), (grad_w_magnitude * delta64.abs()).sum(),
+                          grad_w_terms + delta.numel(), msg="dL/ds")  # <dL/dw, delta>: one sum more
+    assert delta.grad.dtype == dtype and score.grad.dtype == score.dtype == torch.float32  # scores stay fp32
     if train_base:
-        torch.testing.assert_close(module.weight.grad, w.grad)
+        assert_rounding_close(module.weight.grad, *ref["w"], msg="dL/dw_base")
         assert module.weight.grad.data_ptr() != delta.grad.data_ptr()
     else:
         assert module.weight.grad is None
     if module.bias is not None:
-        dims = [d for d in range(upstream.dim()) if d != (upstream.dim() - 1 if kind == "linear" else 1)]
-        torch.testing.assert_close(module.bias.grad, upstream.sum(dims))
+        assert_rounding_close(module.bias.grad, *ref["bias"], msg="dL/dbias")
 
 
 def _saved_weight_sized(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -92,6 +111,10 @@ def test_recompute_keeps_no_weight_copy_for_backward(kind):
 
 
 def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
+    """Under bf16 autocast: bf16 compute, fp32 gradients, within bf16 rounding of the float64 values.
+    Roundings to bf16 per product (u = 2^-9), fp32 sums adding well under one more: output = x, w,
+    the output itself (3); dL/dw = x, dL/dout (the output, 3), dL/dw itself (5); dL/dx likewise
+    (5); dL/ds = <dL/dw, delta> summed in fp32 (6)."""
     torch.manual_seed(0)
     module = nn.Conv2d(4, 6, 3, padding=1)
     layer = single_task_layer(module, TAU)
@@ -105,22 +128,32 @@ def test_bf16_autocast_computes_in_bf16_and_keeps_fp32_gradients():
     out.float().square().sum().backward()
     assert x.grad.dtype == delta.grad.dtype == score.grad.dtype == torch.float32
 
-    x_ref = x.detach().clone().requires_grad_(True)
-    w = (module.weight.detach() + delta.detach()).requires_grad_(True)
-    F.conv2d(x_ref, w, module.bias.detach(), padding=1).square().sum().backward()
-    torch.testing.assert_close(delta.grad, w.grad, atol=0.15, rtol=0.05)
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=0.15, rtol=0.05)
-    torch.testing.assert_close(score.grad, (w.grad * delta.detach()).sum(), atol=0.2, rtol=0.05)
+    w = module.weight.detach() + delta.detach()
+    x64, w64, b64, delta64 = (t.detach().double() for t in (x, w, module.bias, delta))
+    exact = F.conv2d(x64, w64, b64, padding=1)
+    magnitude = F.conv2d(x64.abs(), w64.abs(), b64.abs(), padding=1)
+    bf16 = dict(dtype=torch.bfloat16)
+    assert_rounding_close(out, exact, magnitude, terms=4, msg="output", **bf16)
+    grad_w = torch.nn.grad.conv2d_weight(x64, w.shape, 2 * exact, padding=1)
+    grad_w_magnitude = torch.nn.grad.conv2d_weight(x64.abs(), w.shape, 2 * magnitude, padding=1)
+    assert_rounding_close(delta.grad, grad_w, grad_w_magnitude, terms=6, msg="dL/ddelta", **bf16)
+    assert_rounding_close(x.grad, torch.nn.grad.conv2d_input(x.shape, w64, 2 * exact, padding=1),
+                          torch.nn.grad.conv2d_input(x.shape, w64.abs(), 2 * magnitude, padding=1), terms=6,
+                          msg="dL/dx", **bf16)
+    assert_rounding_close(score.grad, (grad_w * delta64).sum(), (grad_w_magnitude * delta64.abs()).sum(), terms=7,
+                          msg="dL/ds", **bf16)
 
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_whole_model_gradients_match_explicit_weights(recompute):
     """A ResNet-18 training step (joint mode, some layers off), with and without recomputing the
     weight, against autograd through explicit leaf weights ``w = w_base + I*delta``:
-    ``dL/dw_base = dL/dw``, ``dL/ddelta = I dL/dw``, ``dL/ds = <dL/dw, delta>``; norms and head as usual."""
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    ``dL/dw_base = dL/dw``, ``dL/ddelta = I dL/dw``, ``dL/ds = <dL/dw, delta>``; norms and head as usual.
+    In float64 (BatchNorm and ReLU are no plain sums of products, so no rounding bound is written
+    out): both sides' rounding, ~1e-16 of sums up to 2.4M terms, stays far under the 1e-7 tolerance."""
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2])
     off = ("layer1.0.conv1", "layer3.1.conv2")
-    model = tiny_resnet({"a": 3}, recompute_weight=recompute, freeze_base=False)
+    model = tiny_resnet({"a": 3}, recompute_weight=recompute, freeze_base=False).double()
     assert all(layer.recompute_weight is recompute for _, layer in model.taps_layers())
     randomize_tasks(model, off=off)
     model.train()
@@ -128,7 +161,7 @@ def test_whole_model_gradients_match_explicit_weights(recompute):
     F.cross_entropy(model(x), y).backward()
     F.cross_entropy(network.train()(x), y).backward()
 
-    close = dict(atol=1e-5, rtol=1e-4)
+    close = dict(atol=1e-7, rtol=1e-7)
     for name, layer in model.taps_layers():
         dw, delta = weights[name].grad, layer.taps_delta["a"].detach()
         torch.testing.assert_close(layer.base_layer.weight.grad, dw, msg=lambda m: f"{name} base: {m}", **close)

@@ -8,7 +8,7 @@ from timm.layers import Attention
 from torch import nn
 
 import taps_lightning as tl
-from tests.helpers import single_task_layer
+from tests.helpers import assert_rounding_close, exact_and_magnitude, single_task_layer
 
 TAU = 0.1
 
@@ -27,11 +27,11 @@ def test_conv_forward_matches_explicit_weight(score, on):
     layer = _wrapped_conv(score)
     x = torch.randn(2, 3, 8, 8)
     base, delta = layer.base_layer.weight.detach(), layer.taps_delta["t"].detach()
-    expected = F.conv2d(x, base + delta if on else base, padding=1)
-    torch.testing.assert_close(layer(x), expected)
+    exact, magnitude = exact_and_magnitude(lambda x, w: F.conv2d(x, w, padding=1), x, base + delta if on else base)
+    assert_rounding_close(layer(x), exact, magnitude, terms=27)  # 3 x 3 x 3 products per output
     layer.eval()
     with torch.no_grad():  # the inference path (cached merged weight) too
-        torch.testing.assert_close(layer(x), expected)
+        assert_rounding_close(layer(x), exact, magnitude, terms=27)
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -43,25 +43,36 @@ def test_linear_forward_matches_explicit_weight(on):
         layer.taps_score["t"].fill_(0.5 if on else 0.0)
     x = torch.randn(5, 6)
     w = lin.weight.detach() + (layer.taps_delta["t"].detach() if on else 0)
-    torch.testing.assert_close(layer(x), F.linear(x, w, lin.bias.detach()))
+    assert_rounding_close(layer(x), *exact_and_magnitude(F.linear, x, w, lin.bias), terms=7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("on", [True, False])
-def test_ste_gradients_match_explicit_leaf(on):
-    layer = _wrapped_conv(0.3 if on else 0.02)
-    x = torch.randn(2, 3, 8, 8)
-    target = torch.randn(2, 4, 8, 8)
+def test_ste_gradients_match_explicit_leaf(on, dtype):
+    """``dL/ddelta = I dL/dw`` and ``dL/ds = <dL/dw, delta>`` against the float64 explicit leaf.
+    The score gradient sums 108 products whose sizes add up to ~300x the result, each a sum of
+    128 (dL/dw) of sums of 27 (the output), so the allowed rounding is scaled to those magnitudes
+    (``terms``: 27 + 1 for the residual + 128, + 108 for the score), never to the result."""
+    layer = _wrapped_conv(0.3 if on else 0.02).to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    target = torch.randn(2, 4, 8, 8, dtype=dtype)
     (layer(x) - target).pow(2).sum().backward()
 
     gate = 1.0 if on else 0.0
-    w = (layer.base_layer.weight.detach() + gate * layer.taps_delta["t"].detach()).requires_grad_(True)
-    (F.conv2d(x, w, padding=1) - target).pow(2).sum().backward()
-    expected_score_grad = (w.grad * layer.taps_delta["t"].detach()).sum()
+    x64, target64, delta = x.double(), target.double(), layer.taps_delta["t"].detach().double()
+    w = (layer.base_layer.weight.detach().double() + gate * delta).requires_grad_(True)
+    (F.conv2d(x64, w, padding=1) - target64).pow(2).sum().backward()
+    # magnitudes: |dL/dout| <= 2 (|x| * |w| + |target|), then dL/dw and <dL/dw, delta> on absolute values
+    out_magnitude = F.conv2d(x64.abs(), w.detach().abs(), padding=1) + target64.abs()
+    grad_w_magnitude = torch.nn.grad.conv2d_weight(x64.abs(), w.shape, 2 * out_magnitude, padding=1)
 
-    torch.testing.assert_close(layer.taps_score["t"].grad, expected_score_grad)
-    torch.testing.assert_close(layer.taps_delta["t"].grad, gate * w.grad)
+    assert layer.taps_score["t"].grad.dtype == dtype
+    assert_rounding_close(layer.taps_score["t"].grad, (w.grad * delta).sum(), (grad_w_magnitude * delta.abs()).sum(),
+                          terms=264, msg="score")
+    assert_rounding_close(layer.taps_delta["t"].grad, gate * w.grad, gate * grad_w_magnitude, terms=156, msg="delta")
     assert layer.taps_score["t"].grad.abs() > 0  # an inactive layer still gets a score gradient: it can come back
-    assert layer.base_layer.weight.grad is not None  # trainable base (joint mode) receives dL/dw
+    assert_rounding_close(layer.base_layer.weight.grad, w.grad, grad_w_magnitude, terms=156,  # trainable base (joint)
+                          msg="base")
 
 
 def test_frozen_base_gets_no_gradient():
@@ -74,7 +85,7 @@ def test_frozen_base_gets_no_gradient():
 
 def test_attention_block_matches_explicit_weights():
     torch.manual_seed(1)
-    attn = Attention(dim=16, num_heads=2, qkv_bias=True)
+    attn = Attention(dim=16, num_heads=2, qkv_bias=True).double()  # float64: softmax is no sum of products
     reference = copy.deepcopy(attn)
     names, _ = tl.inject_taps(attn, tl.TapsConfig(TAU, 0.15))
     assert set(names) == {"qkv", "proj"}
@@ -89,8 +100,8 @@ def test_attention_block_matches_explicit_weights():
     with torch.no_grad():
         attn.proj.taps_score["t"].fill_(0.0)  # proj inactive: stays the base weight
         reference.qkv.weight.add_(deltas["qkv"])
-    x = torch.randn(2, 7, 16)
-    torch.testing.assert_close(attn(x), reference(x))
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), reference(x))  # float64 noise is ~1e-16, the tolerance 1e-7
 
 
 def test_scores_stay_fp32_and_gate_holds_under_bf16_autocast():
@@ -102,19 +113,22 @@ def test_scores_stay_fp32_and_gate_holds_under_bf16_autocast():
     out.float().sum().backward()
     assert layer.taps_score["t"].dtype == torch.float32
     assert layer.taps_score["t"].grad.dtype == torch.float32
-    expected = F.conv2d(x, layer.base_layer.weight + layer.taps_delta["t"], padding=1)
-    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+    # input and weight rounded to bf16, exact bf16 products summed in fp32 (27 x fp32's u, under
+    # one bf16 u), the output rounded to bf16: at most 4 bf16 roundings per product
+    exact, magnitude = exact_and_magnitude(lambda x, w: F.conv2d(x, w, padding=1), x,
+                                           layer.base_layer.weight + layer.taps_delta["t"])
+    assert_rounding_close(out, exact, magnitude, terms=4)
 
 
 def test_generic_subclass_keeps_its_own_forward():
     from timm.layers import StdConv2d
 
-    conv = StdConv2d(3, 4, 3, padding=1)
+    conv = StdConv2d(3, 4, 3, padding=1).double()  # float64: the standardisation is no sum of products
     layer = single_task_layer(conv, TAU)
     assert isinstance(layer, tl.TapsGeneric)
     with torch.no_grad():
         layer.taps_delta["t"].normal_()
-    x = torch.randn(1, 3, 6, 6)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     reference = copy.deepcopy(conv)
     with torch.no_grad():
         reference.weight.add_(layer.taps_delta["t"])
@@ -132,8 +146,9 @@ def test_inference_cache_follows_in_place_updates():
         layer.taps_score["t"].fill_(0.0)  # switched off
         third = layer(x)
     base = layer.base_layer.weight.detach()
-    torch.testing.assert_close(second, F.conv2d(x, base + layer.taps_delta["t"], padding=1))
-    torch.testing.assert_close(third, F.conv2d(x, base, padding=1))
+    conv = lambda x, w: F.conv2d(x, w, padding=1)  # noqa: E731
+    assert_rounding_close(second, *exact_and_magnitude(conv, x, base + layer.taps_delta["t"]), terms=27)
+    assert_rounding_close(third, *exact_and_magnitude(conv, x, base), terms=27)
     assert not torch.allclose(first, second)
 
 
@@ -149,7 +164,7 @@ def test_gated_weight_function_both_paths(known, on):
     w.backward(upstream)
     torch.testing.assert_close(base.grad, upstream)
     torch.testing.assert_close(delta.grad, upstream if on else torch.zeros_like(upstream))
-    torch.testing.assert_close(score.grad, (upstream * delta).sum())
+    assert_rounding_close(score.grad, *exact_and_magnitude(lambda u, d: (u * d).sum(), upstream, delta), terms=12)
     assert delta.grad.data_ptr() != base.grad.data_ptr()  # never one tensor for two parameters
 
 

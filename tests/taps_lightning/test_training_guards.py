@@ -44,9 +44,37 @@ def test_every_problem_is_listed_at_once():
     assert "--model.lam" in str(info.value) and "--model.lr" in str(info.value)
 
 
-def test_baselines_ignore_gate_settings():
-    # a linear probe has no gates: a threshold above score_init is irrelevant there, not an error
-    TapsModule(tasks={"a": 3}, **{**TINY, "mode": "linear", "threshold": 0.2, "score_init": 0.15})
+@pytest.mark.parametrize("mode", ["linear", "finetune", "joint_finetune", "progressive"])
+def test_baselines_ignore_gate_settings(mode):
+    """Gate settings that TAPS refuses (a threshold above score_init) and a large lambda change
+    nothing in a mode without gates: the same model, no gated layer, the same loss, which is the
+    cross-entropy alone, and the same costs as with the defaults."""
+    import torch.nn.functional as F
+
+    from taps_lightning.layers import TapsLayer
+
+    gates = dict(threshold=0.2, score_init=0.15, lam=3.0)
+    with pytest.raises(ValueError, match=r"--model.score_init 0.15 < --model.threshold 0.2"):
+        TapsModule(tasks={"a": 3}, **{**TINY, "mode": "incremental", **gates})  # where gates exist: refused
+    tasks = {"a": 3, "b": 4}
+    torch.manual_seed(0)
+    odd = TapsModule(tasks=tasks, **{**TINY, "mode": mode, **gates}).train()
+    torch.manual_seed(0)
+    plain = TapsModule(tasks=tasks, **{**TINY, "mode": mode}).train()
+    assert not odd.is_taps and odd.task_lam("a") is None and odd.lam_now() == 0.0
+    assert not any(isinstance(m, TapsLayer) for m in odd.modules())
+    a, b = odd.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    assert all(odd.task_cost(t) == plain.task_cost(t) for t in tasks)
+
+    torch.manual_seed(1)
+    batch = {t: (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])) for t in tasks}
+    loss = odd.training_step(batch, 0)
+    assert torch.equal(loss, plain.training_step(batch, 0))
+    with torch.no_grad():  # the cross-entropy alone: no lambda x anything added
+        ce = sum(float(F.cross_entropy(odd.model(x, t), y)) for t, (x, y) in batch.items())
+    assert float(loss) == pytest.approx(ce, rel=1e-6)
 
 
 def test_endless_run_with_a_cosine_schedule_says_what_to_set(tmp_path):
