@@ -83,7 +83,8 @@ def test_reproduce_table_reports_mean_and_spread_over_seeds():
     text = reproduce.format_results([("TAPS", [run((90.0, 96.0), 2.5, 30), run((94.0, 98.0), 2.7, 34)])],
                                     "cmd", 60.0, seeds=[0, 1])
     row = next(line for line in text.splitlines() if line.startswith("| TAPS"))
-    # seed means 93 and 96: mean 94.5, sample std 3 / sqrt(2) = 2.12; per-task means 92 and 97
-    assert row == "| TAPS | 2.60x ± 0.14 | 92.00 | 97.00 | 94.50 ± 2.12 | 10.0 ± 0.0 | 32.0 ± 2.8 / 52 |"
+    # seed means 93 and 96: mean 94.5, sample std 3 / sqrt(2) = 2.12; per task: x 90, 94 -> 92 ± 2.83,
+    # y 96, 98 -> 97 ± 1.41; the worst task of any seed is x at 90
+    assert row == "| TAPS | 2.60x ± 0.14 | 92.0 ± 2.8 | 97.0 ± 1.4 | 94.50 ± 2.12 | 90.00 (x) | 10.0 ± 0.0 | 32.0 ± 2.8 / 52 |"
     single = reproduce.format_results([("TAPS", [run((90.0, 96.0), 2.5, 30)])], "cmd", 60.0)
-    assert "| TAPS | 2.50x | 90.00 | 96.00 | 93.00 | 10.0 | 30.0 / 52 |" in single and "seed 0, one run per row" in single
+    assert "| TAPS | 2.50x | 90.0 | 96.0 | 93.00 | 90.00 (x) | 10.0 | 30.0 / 52 |" in single and "seed 0, one run per row" in single
