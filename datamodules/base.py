@@ -174,7 +174,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     def norm_dataloader(self, task: str, num_batches: int, rank: int = 0, world_size: int = 1) -> DataLoader:
         """The first ``num_batches x batch_size`` images of a fixed permutation of ``task``'s
         :meth:`norm_dataset` (the same images every time; full batches only, unless the task has
-        fewer images than one batch), this process's share of them under DDP. Its own random generator: the global RNG (augmentation, shuffling) is not touched."""
+        fewer images than one batch), this process's share of them under DDP. Its own random
+        generator: the global RNG (augmentation, shuffling) is not touched."""
         dataset = self.norm_dataset(task)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
         chosen = order[: num_batches * self.batch_size]

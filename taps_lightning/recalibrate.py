@@ -68,7 +68,9 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
         total = seen if reduce is None else int(reduce(torch.tensor([float(seen)], device=norms[0].running_mean.device)))
         if total == 0:  # no images anywhere: keep what was there
             for norm, (_, mean, var, count) in zip(norms, saved):
-                norm.running_mean.copy_(mean), norm.running_var.copy_(var), norm.num_batches_tracked.copy_(count)
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(count)
         return total
     finally:
         for norm, (momentum, *_) in zip(norms, saved):
