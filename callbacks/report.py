@@ -77,8 +77,8 @@ def format_markdown(rows: list[dict], title: str, budget: float | None = None,
     )
     total = rows[-1] if rows else {}
     tail = f"\nTotal parameters for all tasks: {total.get('params_multiple', float('nan')):.2f}x one backbone.\n"
-    if budget is not None:
-        tail += "\n" + budget_line(rows[:-1], budget, within or {}) + "\n"
+    if budget is not None and within is not None:
+        tail += "\n" + budget_line(rows[:-1], budget, within) + "\n"
     tail += "\n" + norms_line(rows[:-1]) + "\n"
     return f"## {title}\n\n{head}{body}{tail}"
 
@@ -100,7 +100,7 @@ def norms_line(rows: list[dict]) -> str:
 def budget_line(rows: list[dict], budget: float, within: dict[str, bool]) -> str:
     """Whether every task row stores at most ``budget`` of the backbone, said in one line
     (``within``: the module's own verdict per task, :meth:`TapsModule.within_budget`)."""
-    over = [r for r in rows if not within.get(r["task"], r["task_params_pct"] <= 100 * budget)]
+    over = [r for r in rows if not within[r["task"]]]
     if not over:
         largest = max(r["task_params_pct"] for r in rows)
         return (f"Budget {100 * budget:.4g} % of the backbone per task: every task is within it "

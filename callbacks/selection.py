@@ -8,21 +8,15 @@ import numpy as np
 
 from taps_lightning import MultiTaskModel, gate_open
 
-__all__ = ["selection_matrix", "draw_heatmap", "selection_images", "log_images", "save_images", "LayerSelectionLogger"]
+__all__ = ["selection_mask", "draw_heatmap", "selection_images", "log_images", "save_images", "LayerSelectionLogger"]
 
 
-def _selection(model: MultiTaskModel) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+def selection_mask(model: MultiTaskModel) -> tuple[list[str], np.ndarray, np.ndarray, float]:
     """``(layer names in forward order, mask [T, L], scores [T, L], threshold)`` from one call to
     :meth:`~taps_lightning.multitask.MultiTaskModel.layer_selection`; the mask is decided by the one
     gate rule the forward uses."""
     layers, scores, threshold = model.layer_selection()
     return layers, gate_open(scores, threshold).float().numpy(), scores.float().numpy(), threshold
-
-
-def selection_matrix(model: MultiTaskModel) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """``(tasks, layer names in forward order, mask [T, L] of 0/1, scores [T, L])``."""
-    layers, mask, scores, _ = _selection(model)
-    return model.tasks, layers, mask, scores
 
 
 def _short(name: str) -> str:
@@ -62,7 +56,7 @@ def selection_images(model: MultiTaskModel, when: str = "") -> dict[str, np.ndar
     """``taps/layer_selection`` (active=1 / inactive=0) and ``taps/scores`` (raw scores, the
     threshold marked) as RGB arrays; ``when`` ends the titles (e.g. ``", epoch 3"``)."""
     tasks = model.tasks
-    layers, mask, scores, threshold = _selection(model)
+    layers, mask, scores, threshold = selection_mask(model)
     return {
         "taps/layer_selection": draw_heatmap(mask, tasks, layers, f"task-specific layers{when}"),
         "taps/scores": draw_heatmap(scores, tasks, layers, f"layer scores{when}", threshold=threshold),

@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger)
 from callbacks.export import adapter_dir
 from datamodules import MultiTaskDataModule
+from taps_lightning.budget import budget_monitor
 from taps_lightning.module import TapsModule
+from taps_lightning.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
 from .inputs import check_against_data, check_data_flags, run_cli, task_classes
@@ -107,18 +109,13 @@ class TapsCLI(LightningCLI):
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
-        if cfg.model.budget is not None and cfg.checkpoint.monitor == "val/acc":
-            # the best checkpoint (tested and exported) must meet the budget: rank by val/budget_acc,
-            # the accuracy when every task is within budget and below any accuracy when one is not
-            cfg.checkpoint.monitor = "val/budget_acc"
-        elif cfg.model.budget is None and cfg.checkpoint.monitor == "val/budget_acc":
-            cfg.checkpoint.monitor = "val/acc"  # e.g. --config of a budget run with --model.budget null
-        elif cfg.model.budget is not None and cfg.checkpoint.monitor != "val/budget_acc":
-            print(f"TAPS | --checkpoint.monitor {cfg.checkpoint.monitor}: the best checkpoint is not chosen by "
-                  "val/budget_acc, so it may be over --model.budget", file=sys.stderr)
-        if cfg.trainer.strategy == "ddp" and cfg.model.mode in ("memory_efficient", "progressive"):
-            # these modes leave some parameters out of the graph in some epochs (deltas during the
-            # joint phase, adapters not yet used during the warm-up): DDP must be told to expect that
+        # a budget run's best checkpoint (tested and exported) must meet the budget: ranked by val/budget_acc
+        cfg.checkpoint.monitor, note = budget_monitor(cfg.model.budget, cfg.checkpoint.monitor)
+        if note:
+            print(note, file=sys.stderr)
+        mode = MODES.get(cfg.model.mode)
+        if cfg.trainer.strategy == "ddp" and mode is not None and mode.leaves_parameters_unused:
+            # some parameters sit out of the graph in some epochs: DDP must be told to expect that
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"
             print(f"TAPS | mode {cfg.model.mode}: using strategy ddp_find_unused_parameters_true", file=sys.stderr)
         if self.writes_run_folder:
@@ -235,13 +232,6 @@ def _fit_and_test(cli: TapsCLI) -> None:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     # weights_only=True whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: a checkpoint never runs code
     trainer.fit(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True)
-    ckpt = trainer.checkpoint_callback
-    if model.budget_controller is not None and ckpt is not None and ckpt.monitor == "val/budget_acc":
-        score = ckpt.best_model_score
-        if score is not None and float(score) < 0:
-            rank_zero_warn(f"no epoch met --model.budget {model.hparams.budget} for every task; the best checkpoint "
-                           f"is the nearest miss ({-100 * float(score):.2f} points over). Train longer (more epochs "
-                           "after the warm-up) or raise --model.budget_rate")
     if cli.config.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(model, data, ckpt_path=best or None, verbose=False, weights_only=True)

@@ -7,7 +7,7 @@ from .baselines import MultiHeadModel
 from .config import TapsConfig
 from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task, task_metadata
 from .factory import create_backbone, create_taps_model, load_weights
-from .gate import gate_open, gated_weight, hard_gate
+from .gate import gate_open, gated_weight
 from .inject import inject_taps, strip_classifier
 from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
 from .model import TapsModel
@@ -15,7 +15,7 @@ from .multitask import MultiTaskModel
 from .norms import TaskNorm
 from .progressive import ProgressiveAdapterModel
 from .recalibrate import recalibrate_norms
-from .stats import count_params, gate_states, layer_scores, sparsity_loss, total_params_multiple
+from .stats import count_params, gate_states, sparsity_loss, total_params_multiple
 from .tuners import TaskLayer
 
 __version__ = "0.1.0"
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
-    "gate_open", "gated_weight", "hard_gate",
-    "sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple",
+    "gate_open", "gated_weight",
+    "sparsity_loss", "gate_states", "count_params", "total_params_multiple",
     "recalibrate_norms", "save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError",
 ]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .config import GATED_TYPES
 from .inject import strip_classifier
-from .multitask import MultiTaskModel, default_backbone_name
+from .multitask import MultiTaskModel, default_backbone_name, task_cost_of
 from .norms import task_batchnorms_of
 
 __all__ = ["MultiHeadModel"]
@@ -83,6 +83,5 @@ class MultiHeadModel(MultiTaskModel):
         """Fine-tuning: a whole backbone copy and a head per task; otherwise the head alone."""
         head = sum(p.numel() for p in self.heads[task].parameters())
         delta = self.base_param_count if self.copy_per_task else 0
-        return {"active_layers": self.layer_count if self.copy_per_task else 0, "gated_layers": self.layer_count,
-                "delta_params": delta, "norm_params": 0, "head_params": head, "task_params": delta + head,
-                "base_params": self.base_param_count, "fraction": (delta + head) / self.base_param_count}
+        return task_cost_of(self.layer_count if self.copy_per_task else 0, self.layer_count, delta, 0, head,
+                            self.base_param_count)

@@ -1,21 +1,32 @@
-"""Storage budgets: a per-task ``lambda`` that lands each task at a target size.
+"""Each task's ``lambda``: a fixed one, or one that lands the task within a storage budget.
 
 With a budget ``F`` the user states "each task may store at most ``F`` of the backbone's
 parameters" instead of sweeping ``lambda`` and picking a run afterwards. :class:`BudgetController`
 treats ``lambda`` as the dual variable of the constraint ``fraction(task) <= F`` and adjusts it
-after every training step (dual ascent), for every task on its own. Plain Python: the training
-loop hands in each task's current fraction and reads back its ``lambda``.
+after every training step (dual ascent), for every task on its own.
+
+Everything a budget decides lives here, in :class:`BudgetPolicy`: the ``lambda`` per task, the
+one "within budget" rule (:func:`within_budget`), switching off what is over at an epoch's end
+(:func:`enforce_budget`), the score checkpoints are ranked by (``val/budget_acc``), the warning
+when no epoch met the budget, and the state a checkpoint keeps. :class:`FixedLambda` answers the
+same questions without a budget. Plain Python: the training loop hands in each task's current
+fraction and reads back its ``lambda``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
+
+from .checks import SettingsError
 
 if TYPE_CHECKING:
     from .model import TapsModel
 
-__all__ = ["BudgetController", "enforce_budget", "DEFAULT_BUDGET_RATE", "DEFAULT_BUDGET_BAND"]
+__all__ = ["BudgetController", "BudgetPolicy", "FixedLambda", "LambdaPolicy", "create_lambda_policy",
+           "enforce_budget", "within_budget", "check_budget_reachable", "budget_monitor", "BUDGET_MONITOR",
+           "DEFAULT_BUDGET_RATE", "DEFAULT_BUDGET_BAND"]
 
 #: ``lambda`` added per training step while a task stores twice its budget or more (the error is
 #: relative to the budget; tuned on the embedded benchmark: 33 steps an epoch, learning rate 0.01).
@@ -24,6 +35,15 @@ DEFAULT_BUDGET_RATE = 0.05
 SHRINK, GROW = 0.5, 1.05
 #: Width of the band under the budget in which ``lambda`` is held (fractions, i.e. 0.03 = 3 points).
 DEFAULT_BUDGET_BAND = 0.03
+
+
+#: What checkpoints of a budget run are ranked by (see :meth:`BudgetPolicy.rank_score`).
+BUDGET_MONITOR = "val/budget_acc"
+
+
+def within_budget(fraction: float, budget: float) -> bool:
+    """The one "within budget" rule: a task storing ``fraction`` of the backbone meets ``budget``."""
+    return fraction <= budget
 
 
 class BudgetController:
@@ -71,10 +91,6 @@ class BudgetController:
         self.side = {task: 0 for task in self.lam}  # side of the last error outside the band: +1 over, -1 under
         self.steps = 0  # updates made (all tasks count as one step)
 
-    def meets(self, fraction: float) -> bool:
-        """Whether a task storing ``fraction`` of the backbone is within the budget."""
-        return fraction <= self.budget
-
     def update(self, fractions: Mapping[str, float]) -> dict[str, float]:
         """One dual-ascent step from each task's current fraction; returns the new ``lambda``s."""
         for task, fraction in fractions.items():
@@ -110,38 +126,213 @@ class BudgetController:
         self.steps = int(state["steps"])
 
 
-def enforce_budget(model: "TapsModel", task: str, budget: float, margin: float = 1e-3) -> list[str]:
+def enforce_budget(model: "TapsModel", task: str, budget: float) -> list[str]:
     """Switch off ``task``'s active layers until it stores at most ``budget`` of the backbone.
 
     Layers go in order of increasing score (those the task holds on to least), then those
     switched off are switched back on, highest score first, wherever they still fit, so that a
     large layer dropped early does not leave the task far below budget. A layer is switched
-    off by setting its score to ``threshold - margin``: it stays trainable and can come back if
-    its gradient says so. Returns the names switched off (empty when already within budget).
+    off by its :meth:`~taps_lightning.layers.TapsLayer.close_gate`: it stays trainable and can
+    come back if its gradient says so. Returns the names switched off (empty when already within
+    budget).
     """
     cost = model.task_cost(task)
-    allowed = budget * cost["base_params"] - cost["norm_params"] - cost["head_params"]  # for deltas
-    stored = cost["delta_params"]
-    if stored <= allowed:
+    base, stored = cost["base_params"], cost["task_params"]
+
+    def fits(params: float) -> bool:
+        return within_budget(params / base, budget)
+
+    if fits(stored):
         return []
     layers = dict(model.taps_layers())
     active = [name for name, on in model.gate_states(task).items() if on]
     if not active:  # norms and head alone (a budget at the minimum, up to rounding): nothing to switch off
         return []
-    scores = dict(zip(active, torch.stack([layers[n].taps_score[task].detach().float() for n in active]).tolist()))
+    scores = dict(zip(active, torch.stack([layers[n].score(task).detach().float() for n in active]).tolist()))
     ranked = sorted(active, key=lambda n: (scores[n], n))  # lowest score first
     size = {name: layers[name].base_layer.weight.numel() for name in active}
     dropped = []
     for name in ranked:
-        if stored <= allowed:
+        if fits(stored):
             break
         stored -= size[name]
         dropped.append(name)
     for name in sorted(dropped, key=lambda n: -scores[n]):  # re-admit what still fits
-        if stored + size[name] <= allowed:
+        if fits(stored + size[name]):
             stored += size[name]
             dropped.remove(name)
-    with torch.no_grad():
-        for name in dropped:
-            layers[name].taps_score[task].fill_(model.threshold - margin)
+    for name in dropped:
+        layers[name].close_gate(task)
     return dropped
+
+
+def check_budget_reachable(budget: float, minimum: Mapping[str, float]) -> None:
+    """Refuse a budget below what some task stores with every layer shared: its norms and head
+    (``minimum``: ``{task: fraction}``), naming the smallest budget that can be met."""
+    below = {task: f for task, f in minimum.items() if not within_budget(f, budget)}
+    if below:
+        need = max(minimum.values())
+        raise SettingsError(
+            f"--model.budget {budget} is below what a task stores with no task-specific layer at all (its norms "
+            "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
+            + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "
+            f"use --model.budget {math.ceil(need * 1e4) / 1e4} or more")
+
+
+def budget_monitor(budget: float | None, monitor: str) -> tuple[str, str | None]:
+    """The checkpoint monitor a run should rank by, and a note when the user's choice may keep a
+    best checkpoint over budget: a budget run ranks by :data:`BUDGET_MONITOR` unless told
+    otherwise; a run without a budget cannot (e.g. ``--config`` of a budget run with
+    ``--model.budget null``)."""
+    if budget is not None and monitor == "val/acc":
+        return BUDGET_MONITOR, None
+    if budget is None and monitor == BUDGET_MONITOR:
+        return "val/acc", None
+    if budget is not None and monitor != BUDGET_MONITOR:
+        return monitor, (f"TAPS | --checkpoint.monitor {monitor}: the best checkpoint is not chosen by "
+                         f"{BUDGET_MONITOR}, so it may be over --model.budget")
+    return monitor, None
+
+
+class LambdaPolicy:
+    """What a training loop asks about ``lambda`` and budgets; :class:`FixedLambda` and
+    :class:`BudgetPolicy` answer. ``penalised`` says whether the sparsity penalty applies yet
+    (before it does, every task's ``lambda`` is 0)."""
+
+    #: The budget ``F`` (``None``: no budget).
+    budget: float | None = None
+
+    def lam(self, task: str) -> float:
+        """The ``lambda`` ``task`` trains with once the penalty applies (its latest, with a budget)."""
+        raise NotImplementedError
+
+    def step(self, fractions: Mapping[str, float], penalised: bool, new_step: bool) -> dict[str, float]:
+        """Each task's ``lambda`` for this batch (``fractions``: the tasks' stored fractions, only
+        read with a budget; ``new_step``: the first batch of an optimizer step)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """``lam=0.5`` or ``budget=0.2``, for logs and reports."""
+        raise NotImplementedError
+
+    def within(self, fractions: Mapping[str, float]) -> dict[str, bool] | None:
+        """``{task: within budget}``; ``None`` without a budget."""
+        return None
+
+    def enforce(self, model: "TapsModel", tasks: Iterable[str], penalised: bool) -> list[str]:
+        """Switch off what is over budget (once the penalty applies); returns what to report."""
+        return []
+
+    def rank_score(self, mean_acc: torch.Tensor, fractions: Mapping[str, float], penalised: bool) -> torch.Tensor | None:
+        """What checkpoints are ranked by besides ``val/acc`` (``None``: nothing else)."""
+        return None
+
+    def missed_message(self, best_score: float | None) -> str | None:
+        """A warning when the best ranked checkpoint does not meet the budget."""
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps (``None``: nothing)."""
+        return None
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Continue from a checkpoint's :meth:`state_dict` (``None``: it kept nothing)."""
+
+
+class FixedLambda(LambdaPolicy):
+    """The paper's setting: one ``lambda`` for every task (0 before the penalty starts)."""
+
+    def __init__(self, tasks: Iterable[str], lam: float) -> None:
+        self.tasks, self.value = list(tasks), lam
+
+    def lam(self, task: str) -> float:
+        return float(self.value)
+
+    def step(self, fractions, penalised, new_step):
+        lam = self.value if penalised else 0.0
+        return {task: lam for task in self.tasks}
+
+    def describe(self) -> str:
+        return f"lam={self.value}"
+
+
+class BudgetPolicy(LambdaPolicy):
+    """A storage budget ``F`` per task: ``lambda`` from :class:`BudgetController` (from 0 when
+    the penalty starts), :func:`enforce_budget` at each epoch's end, and checkpoints ranked by
+    :meth:`rank_score`.
+
+    Args:
+        tasks: task names.
+        budget: ``F`` in (0, 1].
+        rate: the controller's step size.
+        minimum: ``{task: fraction}`` each task stores with no task-specific layer (refused when
+            over ``budget``: no run could meet it).
+    """
+
+    def __init__(self, tasks: Iterable[str], budget: float, rate: float = DEFAULT_BUDGET_RATE,
+                 minimum: Mapping[str, float] | None = None) -> None:
+        self.tasks = list(tasks)
+        check_budget_reachable(budget, minimum or {})
+        self.budget = float(budget)
+        self.controller = BudgetController(self.tasks, budget, 0.0, rate, minimum=minimum)
+
+    def lam(self, task: str) -> float:
+        return self.controller.lam[task]
+
+    def step(self, fractions, penalised, new_step):
+        if not penalised:
+            return {task: 0.0 for task in fractions}
+        if new_step:
+            return self.controller.update(fractions)
+        return {task: self.controller.lam[task] for task in fractions}  # the scores have not moved yet
+
+    def describe(self) -> str:
+        return f"budget={self.budget}"
+
+    def within(self, fractions):
+        return {task: within_budget(f, self.budget) for task, f in fractions.items()}
+
+    def enforce(self, model, tasks, penalised):
+        if not penalised:
+            return []
+        messages = []
+        for task in tasks:
+            dropped = enforce_budget(model, task, self.budget)
+            if dropped:
+                messages.append(f"TAPS | budget: {task} was over {100 * self.budget:.4g} %; switched off "
+                                f"{len(dropped)} layer(s) with the lowest scores: {', '.join(dropped)}")
+        return messages
+
+    def rank_score(self, mean_acc, fractions, penalised):
+        """The accuracy once the penalty applies and every task is within budget; else minus the
+        largest excess, and minus 1 more before the penalty applies (memory-efficient's joint
+        phase stores little, but its gates are not chosen yet), so neither is ever ranked above
+        an epoch that met the budget."""
+        if all(self.within(fractions).values()) and penalised:
+            return mean_acc
+        excess = max(f - self.budget for f in fractions.values())
+        return torch.tensor(-max(excess, 0.0) - (0.0 if penalised else 1.0), device=mean_acc.device)
+
+    def missed_message(self, best_score):
+        if best_score is None or float(best_score) >= 0:
+            return None
+        return (f"no epoch met --model.budget {self.budget} for every task; the best checkpoint is the nearest miss "
+                f"({-100 * float(best_score):.2f} points over). Train longer (more epochs after the warm-up) or "
+                "raise --model.budget_rate")
+
+    def state_dict(self):
+        return self.controller.state_dict()
+
+    def load_state_dict(self, state):
+        if state is not None:  # lambdas, step sizes and steps carry on
+            self.controller.load_state_dict(state)
+
+
+def create_lambda_policy(tasks: Iterable[str], lam: float, budget: float | None = None,
+                         rate: float = DEFAULT_BUDGET_RATE,
+                         minimum: Callable[[], Mapping[str, float]] | None = None) -> LambdaPolicy:
+    """:class:`BudgetPolicy` with a ``budget``, else :class:`FixedLambda` (``minimum`` is only
+    computed with a budget)."""
+    if budget is None:
+        return FixedLambda(tasks, lam)
+    return BudgetPolicy(tasks, budget, rate, minimum() if minimum is not None else None)

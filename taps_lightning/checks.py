@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["SettingsError", "PENALTIES", "check_training_settings", "check_budget_reachable", "normalize_sha256",
+__all__ = ["SettingsError", "PENALTIES", "check_training_settings", "normalize_sha256",
            "data_class_names", "class_name_changes"]
 
 class SettingsError(ValueError):
@@ -41,7 +41,7 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                             sparsity_warmup_epochs: int, joint_epochs: int, adapter_rank: int,
                             num_stages: int, similarity_batches: int, penalty_divisor: float | None = None,
                             cosine_epochs: int | None = None, penalty: str = "layers",
-                            budget: float | None = None, budget_rate: float = 0.05, recalibrate_batches: int = 0,
+                            budget_rate: float, budget: float | None = None, recalibrate_batches: int = 0,
                             freeze_gates_epochs: int = 0) -> None:
     """Raise ``ValueError`` listing every out-of-range training setting.
 
@@ -101,19 +101,6 @@ def check_training_settings(*, taps: bool, lam: float, threshold: float, score_i
                 "would be a linear probe. Use score_init >= threshold (paper: 0.15 and 0.1), or --model.mode linear")
     if problems:
         raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))
-
-
-def check_budget_reachable(budget: float, minimum: dict[str, float]) -> None:
-    """Refuse a budget below what some task stores with every layer shared: its norms and head
-    (``minimum``: ``{task: fraction}``), naming the smallest budget that can be met."""
-    below = {task: f for task, f in minimum.items() if f > budget}
-    if below:
-        need = max(minimum.values())
-        raise SettingsError(
-            f"--model.budget {budget} is below what a task stores with no task-specific layer at all (its norms "
-            "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
-            + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "
-            f"use --model.budget {math.ceil(need * 1e4) / 1e4} or more")
 
 
 def data_class_names(datamodule, tasks) -> dict[str, list[str] | None]:

@@ -65,11 +65,26 @@ def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
     predictions can be named without the dataset (:func:`task_metadata` reads them back).
     """
     model._check_task(task)
-    tensors, metadata = model.task_file(task)
+    tensors, metadata = task_file_tensors(model, task), model.task_file_metadata(task)
     metadata.update(_class_names_metadata(model, task, class_names))
     path = Path(path)
     _write(tensors, path, metadata, task)
     return path
+
+
+def file_key(local: str, layer: str) -> str:
+    """A layer's tensor in a task file: ``delta`` of ``conv1`` -> ``delta.conv1``, ``norm.weight``
+    of ``bn1`` -> ``norm.bn1.weight`` (what every task file, TAPS or progressive, is keyed by)."""
+    first, _, rest = local.partition(".")
+    return f"{first}.{layer}" + (f".{rest}" if rest else "")
+
+
+def task_file_tensors(model: MultiTaskModel, task: str) -> dict[str, torch.Tensor]:
+    """Every tensor of ``task``'s file: each per-task layer's :meth:`~TaskLayer.task_state` under
+    :func:`file_key`, and the head as ``head.<key>``."""
+    tensors = {file_key(k, name): v for name, layer in model.task_layers() for k, v in layer.task_state(task).items()}
+    tensors.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
+    return tensors
 
 
 def _unreadable(path: Path, err: Exception) -> TaskFileError:
@@ -138,13 +153,7 @@ _DIVERGED = ("the task's weights diverged; export a checkpoint from before the d
 
 def _expected_tensors(model: TapsModel, num_classes: int) -> dict[str, torch.Size]:
     """Every key a task file for ``model`` may hold, with its exact shape (deltas optional)."""
-    shapes: dict[str, torch.Size] = {}
-    for name, layer in model.taps_layers():
-        shapes[f"score.{name}"] = torch.Size([1])
-        shapes[f"delta.{name}"] = layer.base_layer.weight.shape
-    for name, norm in model.task_norms():
-        for k, v in norm.base_norm.state_dict().items():
-            shapes[f"norm.{name}.{k}"] = v.shape
+    shapes = {file_key(k, name): shape for name, layer in model.task_layers() for k, shape in layer.state_shapes().items()}
     shapes["head.weight"] = torch.Size([num_classes, model.num_features])
     shapes["head.bias"] = torch.Size([num_classes])
     return shapes
@@ -167,10 +176,10 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
         raise TaskFileError(f"{path}: wrong tensor shapes: {'; '.join(wrong[:3])}; {fix}")
     check_finite(tensors, str(path), fix)
     for name, _ in model.taps_layers():
-        score = tensors[f"score.{name}"]
-        if gate_open(score.reshape(()), model.threshold) and f"delta.{name}" not in tensors:
+        score, delta = tensors[file_key("score", name)], file_key("delta", name)
+        if gate_open(score.reshape(()), model.threshold) and delta not in tensors:
             raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
-                                f"delta.{name} is missing; {fix}")
+                                f"{delta} is missing; {fix}")
 
 
 def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None, strict_base: bool = True) -> str:
@@ -222,14 +231,10 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     with warnings.catch_warnings():  # the file's scores replace the initial ones below
         warnings.simplefilter("ignore", StartsOffWarning)
         model.add_task(task, num_classes)
+    for name, layer in model.task_layers():
+        layer.load_task_state(task, {k: tensors[file_key(k, name)] for k in layer.state_shapes()
+                                     if file_key(k, name) in tensors})
     with torch.no_grad():
-        for name, layer in model.taps_layers():
-            layer.taps_score[task].copy_(tensors[f"score.{name}"].reshape(()))
-            if f"delta.{name}" in tensors:
-                layer.taps_delta[task].copy_(tensors[f"delta.{name}"])
-        for name, norm in model.task_norms():
-            prefix = f"norm.{name}."
-            norm.norms[task].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         model.heads[task].load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     if was_active:
         model.set_task(task)
@@ -243,7 +248,7 @@ def merge(model: MultiTaskModel, task: str) -> nn.Module:
     ``model`` is not modified."""
     model._check_task(task)
     layers = list(model.task_layers())
-    folded = {_key(kind, name): t for name, layer in layers for kind, t in layer.task_tensors(task).items()}
+    folded = {file_key(kind, name): t for name, layer in layers for kind, t in layer.task_tensors(task).items()}
     folded.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
     check_finite(folded, f"merge({task!r})", _DIVERGED, error=ValueError)
     memo: dict[int, object] = {id(layer): layer.merged_layer(task) for _, layer in layers}
@@ -251,12 +256,6 @@ def merge(model: MultiTaskModel, task: str) -> nn.Module:
     merged = restore_classifier(merged, model.classifier, copy.deepcopy(model.heads[task]))
     merged.requires_grad_(True)
     return merged.train(model.training)
-
-
-def _key(kind: str, layer: str) -> str:
-    """``delta`` + ``conv1`` -> ``delta.conv1``; ``norm.weight`` + ``bn1`` -> ``norm.bn1.weight``."""
-    first, _, rest = kind.partition(".")
-    return f"{first}.{layer}" + (f".{rest}" if rest else "")
 
 
 def task_metadata(path: str | os.PathLike) -> dict[str, Any]:

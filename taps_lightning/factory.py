@@ -1,6 +1,7 @@
 """``create_taps_model``: a ``TapsModel`` from a timm architecture name."""
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from typing import Any, Mapping
@@ -12,7 +13,7 @@ from torch import nn
 from .config import SCORE_INIT, THRESHOLD
 from .model import TapsModel
 
-__all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std"]
+__all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std", "check_weights_file"]
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict:
@@ -43,6 +44,19 @@ def _read_state_dict(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: holds a {type(state).__name__} with values other than tensors; {expected}")
     return state
+
+
+def check_weights_file(path: str | os.PathLike, sha256: str | None) -> None:
+    """Refuse a weights file whose SHA-256 is not ``sha256`` (lower-case hex; ``None``: unchecked)."""
+    if sha256 is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != sha256:
+        raise ValueError(f"{path}: SHA-256 differs from the expected {sha256}; the file is not the one "
+                         "the experiment was set up with (re-install it or drop weights_sha256)")
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> str:

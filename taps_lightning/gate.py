@@ -7,15 +7,16 @@ intermediate ``gate * delta`` tensor and the score gradient is a single reductio
 * ``dL/ddelta  = I(s >= tau) * dL/dw``          (an inactive delta receives zeros)
 * ``dL/ds      = <dL/dw, delta>``               (straight-through: d(w_base + s*delta)/ds)
 
-The hard gate is computed on the device (no host sync), so the function is safe inside
-CUDA graphs, DDP and autocast; the score always stays in its own (fp32) dtype.
+The gate is known on the host when the weight is built (``TapsModel`` reads every gate of a
+forward with one device sync), so an inactive layer does no add at all; the score always stays
+in its own (fp32) dtype.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["gate_open", "hard_gate", "gated_weight"]
+__all__ = ["gate_open", "closed_score", "gated_weight"]
 
 
 def gate_open(score: Tensor, threshold: float) -> Tensor:
@@ -36,28 +37,15 @@ def compose_weight(base: Tensor, delta: Tensor, active: bool) -> Tensor:
     return base + delta if active else base
 
 
-def hard_gate(score: Tensor, threshold: float) -> Tensor:
-    """``I(score >= threshold)`` as a 0/1 tensor of ``score``'s dtype (no gradient)."""
-    return gate_open(score, threshold).to(score.dtype)
+#: How far below ``tau`` a switched-off layer's score is set (:func:`closed_score`).
+CLOSE_MARGIN = 1e-3
 
 
-class _GatedWeight(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, base: Tensor, delta: Tensor, score: Tensor, threshold: float) -> Tensor:
-        gate = hard_gate(score, threshold)
-        ctx.save_for_backward(delta, gate)
-        return torch.addcmul(base, gate.to(delta.dtype), delta)
-
-    @staticmethod
-    def backward(ctx, grad_w: Tensor):
-        delta, gate = ctx.saved_tensors
-        grad_base = grad_w if ctx.needs_input_grad[0] else None
-        grad_delta = grad_w * gate.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        grad_score = None
-        if ctx.needs_input_grad[2]:
-            # Accumulate the inner product in fp32 so half-precision grads do not overflow.
-            grad_score = _dot(grad_w, delta).to(gate.dtype).reshape(gate.shape)
-        return grad_base, grad_delta, grad_score, None
+def closed_score(threshold: float) -> float:
+    """The score that switches a layer off while keeping it trainable: just below ``threshold``
+    (by :data:`CLOSE_MARGIN`), so :func:`gate_open` reads it closed and its gradient can still
+    bring it back. What budget enforcement writes."""
+    return threshold - CLOSE_MARGIN
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -115,8 +103,8 @@ def gated_weight(base: Tensor, delta: Tensor, score: Tensor, threshold: float, a
         score: the scalar layer score ``s``.
         threshold: ``tau``; the layer is task-specific when ``s >= tau``.
         active: ``I(score >= threshold)`` if the caller already knows it (``TapsModel`` reads
-            all gates of a forward with one device sync); ``None`` computes it on the device.
+            all gates of a forward with one device sync); ``None`` reads it here (one sync).
     """
     if active is None:
-        return _GatedWeight.apply(base, delta, score, threshold)
+        active = bool(gate_open(score, threshold))
     return _KnownGateWeight.apply(base, delta, score, bool(active))

@@ -12,15 +12,13 @@ blocks that read ``module.weight`` directly still see TAPS.
 from __future__ import annotations
 
 import copy
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CONV_TYPES, GATED_TYPES, TapsConfig
 from .fused import fusable, gated_layer_forward
-from .gate import compose_weight, gate_open, gated_weight
+from .gate import closed_score, compose_weight, gate_open, gated_weight
 from .tuners import TaskLayer
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
@@ -62,6 +60,8 @@ class TapsLayer(TaskLayer, nn.Module):
         config: the model's :class:`~taps_lightning.config.TapsConfig` (threshold, initial
             score, ``recompute_weight``), shared by every layer of the model.
     """
+
+    adapter_layer_names = ("taps_delta", "taps_score")
 
     def __init__(self, base_layer: nn.Module, config: TapsConfig | None = None) -> None:
         super().__init__()
@@ -105,6 +105,19 @@ class TapsLayer(TaskLayer, nn.Module):
         yield self.taps_delta[task]
         yield self.taps_score[task]
 
+    def score(self, task: str) -> nn.Parameter:
+        """``task``'s score ``s`` (a trainable fp32 scalar)."""
+        return self.taps_score[task]
+
+    def delta(self, task: str) -> nn.Parameter:
+        """``task``'s weight delta (what it adds when its gate is open)."""
+        return self.taps_delta[task]
+
+    def close_gate(self, task: str) -> None:
+        """Switch ``task``'s layer off, trainable still: its score just under ``tau``."""
+        with torch.no_grad():
+            self.taps_score[task].fill_(closed_score(self.threshold))
+
     def is_active(self, task: str) -> bool:
         """Whether ``task`` uses its own weights here (``score >= threshold``); syncs with the device."""
         return bool(gate_open(self.taps_score[task], self.threshold))
@@ -118,6 +131,19 @@ class TapsLayer(TaskLayer, nn.Module):
             plain.weight.copy_(compose_weight(plain.weight, self.taps_delta[task].detach().to(plain.weight.dtype),
                                               self.is_active(task)))
         return plain
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        return {"score": torch.Size([1]), "delta": self.base_layer.weight.shape}
+
+    def task_state(self, task: str) -> dict[str, Tensor]:
+        """The score always, the delta only while the gate is open (a closed layer stores nothing)."""
+        return {"score": self.taps_score[task].detach().reshape(1), **self.task_tensors(task)}
+
+    def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.taps_score[task].copy_(state["score"].reshape(()))
+            if "delta" in state:
+                self.taps_delta[task].copy_(state["delta"])
 
     # -- the gated weight --------------------------------------------------------------
     @property

@@ -12,7 +12,7 @@ from .config import SCORE_INIT, THRESHOLD, TapsConfig
 from .gate import gate_open
 from .inject import inject_taps, strip_classifier
 from .layers import TapsLayer, create_taps_layer
-from .multitask import TASK_NAME, MultiTaskModel, default_backbone_name
+from .multitask import TASK_NAME, MultiTaskModel, default_backbone_name, task_cost_of
 from .signature import base_fingerprint, layout_signature
 
 __all__ = ["TapsModel", "TASK_NAME"]
@@ -66,7 +66,6 @@ class TapsModel(MultiTaskModel):
         self.config = config or TapsConfig(threshold, score_init, recompute_weight)
         self.backbone_name = backbone_name or default_backbone_name(backbone)
         self.classifier = strip_classifier(backbone, num_features)
-        self.head_path = self.classifier.path
         if num_features is not None and int(num_features) != self.classifier.num_features:
             raise ValueError(f"num_features={num_features}, but the backbone's classifier took "
                              f"{self.classifier.num_features} features; drop num_features or fix it")
@@ -167,8 +166,7 @@ class TapsModel(MultiTaskModel):
         if task is None or not (self.training or torch.is_grad_enabled()):
             return []
         layers = [layer for _, layer in self.taps_layers()]
-        scores = torch.stack([layer.taps_score[task] for layer in layers])
-        for layer, active in zip(layers, gate_open(scores, self.threshold).tolist()):
+        for layer, active in zip(layers, gate_open(self.task_scores(task), self.threshold).tolist()):
             layer.gate_hint = (task, active)
         return layers
 
@@ -189,17 +187,17 @@ class TapsModel(MultiTaskModel):
         return out
 
     # -- what a task costs ------------------------------------------------------------------
+    def task_scores(self, task: str) -> Tensor:
+        """``task``'s scores ``[layers]`` in forward order, differentiable (on the device)."""
+        self._check_task(task)
+        return torch.stack([layer.score(task) for _, layer in self.taps_layers()])
+
     def gate_states(self, task: str) -> "OrderedDict[str, bool]":
         """``{layer_name: is task-specific}`` in forward order (one device sync)."""
-        self._check_task(task)
-        names, layers = zip(*self.taps_layers())
-        scores = torch.stack([layer.taps_score[task].detach() for layer in layers])
-        return OrderedDict(zip(names, gate_open(scores, self.threshold).tolist()))
+        return OrderedDict(zip(self.layer_order(), self.gate_tensor(task).tolist()))
 
     def gate_tensor(self, task: str) -> Tensor:
-        self._check_task(task)
-        return gate_open(torch.stack([layer.taps_score[task].detach() for _, layer in self.taps_layers()]),
-                         self.threshold)
+        return gate_open(self.task_scores(task), self.threshold)
 
     def regularizer(self, task: str, divisor: float | None = None, penalty: str = "layers") -> Tensor:
         """The sparsity penalty before ``lambda``. Differentiable in the scores.
@@ -210,9 +208,8 @@ class TapsModel(MultiTaskModel):
         costs what it would store. Both weightings sum to 1 over the layers, so equal scores give
         equal penalties and the same ``lambda`` means a comparable pull.
         """
-        self._check_task(task)
         layers = [layer for _, layer in self.taps_layers()]
-        scores = torch.stack([layer.taps_score[task] for layer in layers])
+        scores = self.task_scores(task)
         if penalty == "layers":
             return scores.abs().sum() / (divisor or len(layers))
         if penalty != "params":
@@ -229,32 +226,22 @@ class TapsModel(MultiTaskModel):
         gates = self.gate_states(task)
         layers = dict(self.taps_layers())
         delta_params = sum(layers[name].base_layer.weight.numel() for name, on in gates.items() if on)
-        norm_params, head_params = self.norm_and_head_params(task)
-        task_params = delta_params + norm_params + head_params
-        return {"active_layers": sum(gates.values()), "gated_layers": len(gates), "delta_params": delta_params,
-                "norm_params": norm_params, "head_params": head_params, "task_params": task_params,
-                "base_params": self.base_param_count, "fraction": task_params / self.base_param_count}
+        return task_cost_of(sum(gates.values()), len(gates), delta_params, *self.norm_and_head_params(task),
+                            self.base_param_count)
 
     def layer_selection(self) -> tuple[list[str], Tensor, float]:
-        layers = [layer for _, layer in self.taps_layers()]
-        scores = torch.stack([torch.stack([layer.taps_score[t].detach().float() for layer in layers])
-                              for t in self.tasks]) if self.tasks else torch.zeros(0, len(layers))
+        scores = (torch.stack([self.task_scores(t).detach().float() for t in self.tasks]) if self.tasks
+                  else torch.zeros(0, len(self.layer_order())))
         return self.layer_order(), scores.cpu(), self.threshold
 
     # -- export ----------------------------------------------------------------------------
-    def task_file(self, task: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The task's active deltas, all its scores, norms and head, and metadata that ties
-        the file to this backbone (layout) and shared weights (fingerprint)."""
+    def task_file_metadata(self, task: str) -> dict[str, str]:
+        """What ties a task file (its active deltas, all its scores, norms and head) to this
+        backbone (layout) and shared weights (fingerprint)."""
         gates = self.gate_states(task)
-        tensors = self.norm_and_head_tensors(task)
-        for name, layer in self.taps_layers():
-            tensors[f"score.{name}"] = layer.taps_score[task].detach().reshape(1)
-            if gates[name]:
-                tensors[f"delta.{name}"] = layer.taps_delta[task].detach()
-        metadata = {
+        return {
             "format": TASK_FORMAT, "task": task, "backbone": self.backbone_name, "threshold": repr(self.threshold),
             "num_classes": str(self.heads[task].out_features), "gated_layers": str(len(gates)),
             "active_layers": str(sum(gates.values())), "layout_signature": layout_signature(self),
             "base_fingerprint": base_fingerprint(self), "layer_order": json.dumps(self.layer_order()),
         }
-        return tensors, metadata

@@ -8,7 +8,8 @@ module hands in the epoch and, for DDP, a ``reduce`` function.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,10 +17,43 @@ from torch import Tensor, nn
 from .baselines import MultiHeadModel
 from .config import TapsConfig
 from .model import TapsModel
-from .multitask import MultiTaskModel
+from .multitask import MultiTaskModel, task_cost_of
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 
-__all__ = ["Mode", "MODES", "TAPS_MODES", "create_mode"]
+__all__ = ["Mode", "ModeSettings", "MODES", "TAPS_MODES", "create_mode", "mode_class"]
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    """What a mode reads, typed (``TapsModule``'s arguments of the same names; ranges are checked
+    there once, with every other setting, by :func:`~taps_lightning.checks.check_training_settings`).
+
+    Args:
+        backbone: the backbone's name, recorded in task files.
+        threshold, score_init, recompute_weight: the TAPS layers' :class:`~taps_lightning.config.TapsConfig`.
+        sparsity_warmup_epochs: epochs of gate training before the penalty starts.
+        joint_epochs: memory-efficient mode: length of the joint phase.
+        adapter_rank, num_stages, adapter_schedule: progressive mode: the adapters.
+        similarity_epochs, similarity_batches: progressive mode: the warm-up and the batches
+            whose gradients group the tasks.
+    """
+
+    backbone: str
+    threshold: float
+    score_init: float
+    recompute_weight: bool
+    sparsity_warmup_epochs: int
+    joint_epochs: int
+    adapter_rank: int
+    num_stages: int
+    adapter_schedule: Sequence[int] | None
+    similarity_epochs: int
+    similarity_batches: int
+
+    @classmethod
+    def of(cls, hparams: Mapping[str, Any]) -> "ModeSettings":
+        """The mode's settings picked from a module's hyper-parameters (extra keys ignored)."""
+        return cls(**{f.name: hparams[f.name] for f in fields(cls)})
 
 
 class Mode:
@@ -27,9 +61,11 @@ class Mode:
 
     #: Whether the mode learns TAPS gates (the sparsity penalty and per-layer costs apply).
     learns_gates = False
+    #: Whether some trained parameters sit out of the graph in some epochs (DDP must be told).
+    leaves_parameters_unused = False
 
-    def __init__(self, hp: Mapping[str, Any]) -> None:
-        self.hp = hp
+    def __init__(self, settings: ModeSettings) -> None:
+        self.settings = settings
         #: Progressive grouping: each stage's task-gradient cosine similarities, and the epoch it was made.
         self.similarity: dict[int, Tensor] = {}
         self.grouping_epoch: int | None = None
@@ -44,11 +80,7 @@ class Mode:
     def penalty_active(self, epoch: int) -> bool:
         """Whether the sparsity penalty applies at ``epoch``: in modes with gates, once the
         sparsity warm-up is over."""
-        return self.learns_gates and epoch >= self.taps_start_epoch() + self.hp["sparsity_warmup_epochs"]
-
-    def penalty_weight(self, epoch: int) -> float:
-        """``lambda`` at ``epoch``: 0 before the sparsity warm-up ends, and in modes without gates."""
-        return self.hp["lam"] if self.penalty_active(epoch) else 0.0
+        return self.learns_gates and epoch >= self.taps_start_epoch() + self.settings.sparsity_warmup_epochs
 
     def enter_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         """Called at setup and at every training epoch's start."""
@@ -82,9 +114,9 @@ class Incremental(Mode):
     freeze_base = True
 
     def build(self, net, tasks):
-        hp = self.hp
-        config = TapsConfig(hp["threshold"], hp["score_init"], hp["recompute_weight"])
-        return TapsModel(net, tasks=tasks, config=config, freeze_base=self.freeze_base, backbone_name=hp["backbone"])
+        s = self.settings
+        config = TapsConfig(s.threshold, s.score_init, s.recompute_weight)
+        return TapsModel(net, tasks=tasks, config=config, freeze_base=self.freeze_base, backbone_name=s.backbone)
 
 
 class Joint(Incremental):
@@ -97,8 +129,10 @@ class MemoryEfficient(Incremental):
     """Sec. 3.3: ``joint_epochs`` of joint training of base, norms and heads (gates off), then
     incremental TAPS on that base, with its own cosine cycle."""
 
+    leaves_parameters_unused = True  # the deltas during the joint phase
+
     def taps_start_epoch(self) -> int:
-        return self.hp["joint_epochs"]
+        return self.settings.joint_epochs
 
     def enter_epoch(self, model: TapsModel, epoch: int) -> None:
         joint_phase = epoch < self.taps_start_epoch()
@@ -108,9 +142,8 @@ class MemoryEfficient(Incremental):
     def task_cost(self, model: TapsModel, task: str, epoch: int) -> dict[str, float]:
         cost = model.task_cost(task)
         if epoch < self.taps_start_epoch():  # joint phase: deltas off, a task owns its norms and head only
-            own = cost["norm_params"] + cost["head_params"]
-            cost = {**cost, "active_layers": 0, "delta_params": 0, "task_params": own,
-                    "fraction": own / cost["base_params"]}
+            cost = task_cost_of(0, cost["gated_layers"], 0, cost["norm_params"], cost["head_params"],
+                                cost["base_params"])
         return cost
 
     def optimizer_parameters(self, model):
@@ -129,7 +162,7 @@ class _Baseline(Mode):
 
     def build(self, net, tasks):
         return MultiHeadModel(net, tasks, copy_per_task=self.copy_per_task, train_backbone=self.train_backbone,
-                              backbone_name=self.hp["backbone"])
+                              backbone_name=self.settings.backbone)
 
 
 class FineTune(_Baseline):
@@ -152,20 +185,22 @@ class Progressive(Mode):
     """Progressive task-specific LoRA adapters; tasks are grouped by the cosine similarity of
     their gradients on each stage's shared adapter, collected during the last warm-up epoch."""
 
-    def __init__(self, hp):
-        super().__init__(hp)
-        if hp["similarity_epochs"] < 1:
+    leaves_parameters_unused = True  # adapters not yet used during the warm-up
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        if settings.similarity_epochs < 1:
             raise ValueError("progressive mode needs similarity_epochs >= 1 (the shared warm-up)")
         self.task_grads: dict[str, list[Tensor]] = {}
 
     def build(self, net, tasks):
-        hp = self.hp
-        return ProgressiveAdapterModel(net, tasks, rank=hp["adapter_rank"], num_stages=hp["num_stages"],
-                                       schedule=hp["adapter_schedule"], backbone_name=hp["backbone"])
+        s = self.settings
+        return ProgressiveAdapterModel(net, tasks, rank=s.adapter_rank, num_stages=s.num_stages,
+                                       schedule=s.adapter_schedule, backbone_name=s.backbone)
 
     def collects_gradients(self, model, epoch, batch_idx):
-        return (not model.grouped and epoch == self.hp["similarity_epochs"] - 1
-                and batch_idx < self.hp["similarity_batches"])
+        return (not model.grouped and epoch == self.settings.similarity_epochs - 1
+                and batch_idx < self.settings.similarity_batches)
 
     def collect(self, model: ProgressiveAdapterModel, losses: dict[str, Tensor]) -> None:
         """Add each task's gradient w.r.t. every stage's shared adapter (one vector per stage)."""
@@ -183,7 +218,7 @@ class Progressive(Mode):
                 a += v
 
     def end_epoch(self, model: ProgressiveAdapterModel, epoch, reduce):
-        if model.grouped or not self.task_grads or epoch != self.hp["similarity_epochs"] - 1:
+        if model.grouped or not self.task_grads or epoch != self.settings.similarity_epochs - 1:
             return None
         tasks, groups = model.tasks, {}
         for stage in range(model.num_stages):
@@ -207,7 +242,13 @@ MODES: dict[str, type[Mode]] = {
 TAPS_MODES = tuple(name for name, mode in MODES.items() if mode.learns_gates)
 
 
-def create_mode(name: str, hp: Mapping[str, Any]) -> Mode:
+def mode_class(name: str) -> type[Mode]:
+    """The mode called ``name`` (``--model.mode``), or an error listing the modes."""
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
-    return MODES[name](hp)
+    return MODES[name]
+
+
+def create_mode(name: str, settings: ModeSettings | Mapping[str, Any]) -> Mode:
+    """The mode called ``name`` with ``settings`` (or a module's hyper-parameters to pick them from)."""
+    return mode_class(name)(settings if isinstance(settings, ModeSettings) else ModeSettings.of(settings))

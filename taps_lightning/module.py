@@ -11,7 +11,6 @@ Training batches are ``{task: (images, labels)}`` (one sub-batch per task, as Li
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -23,14 +22,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .budget import DEFAULT_BUDGET_RATE, BudgetController, enforce_budget
-from .checks import (SettingsError, check_budget_reachable, check_training_settings, class_name_changes,
-                     data_class_names, normalize_sha256)
+from .budget import BUDGET_MONITOR, DEFAULT_BUDGET_RATE, create_lambda_policy
+from .checks import SettingsError, check_training_settings, class_name_changes, data_class_names, normalize_sha256
 from .config import SCORE_INIT, THRESHOLD
-from .factory import create_backbone, input_mean_std
-from .modes import MODES, TAPS_MODES, create_mode
+from .factory import check_weights_file, create_backbone, input_mean_std
+from .modes import MODES, TAPS_MODES, ModeSettings, mode_class
 from .recalibrate import recalibrate_norms
-from .schedules import ResumableLambdaLR
+from .schedules import ResumableLambdaLR, cosine_restart
+from .stats import GateFlipCounter
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
 
@@ -38,22 +37,6 @@ __all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
 #: re-estimated on before validation and test (see the README's *Results* for how it was chosen).
 DEFAULT_RECALIBRATE_BATCHES = 16
 
-
-
-def cosine_restart(step: int, boundary: int, total: int) -> float:
-    """Cosine decay from 1 to 0 over ``[0, boundary)`` and again over ``[boundary, total)``
-    (one plain cycle when ``boundary`` is 0)."""
-    start, end = (0, boundary) if step < boundary else (boundary, total)
-    length = max(1, end - start)
-    return 0.5 * (1 + math.cos(math.pi * min(step - start, length) / length))
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class TapsModule(L.LightningModule):
@@ -154,8 +137,7 @@ class TapsModule(L.LightningModule):
         freeze_gates_epochs: int = 0,
     ) -> None:
         super().__init__()
-        if mode not in MODES:  # before anything else: the flag's allowed values
-            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        mode_cls = mode_class(mode)  # before anything else: the flag's allowed values
         if not tasks:
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
         if penalty is None:
@@ -163,7 +145,7 @@ class TapsModule(L.LightningModule):
         if scheduler not in ("cosine", "cosine_step", "none"):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' (per epoch), 'cosine_step' or 'none'")
         check_training_settings(
-            taps=mode in TAPS_MODES, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
+            taps=mode_cls.learns_gates, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
             weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
             joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
             similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs,
@@ -171,22 +153,20 @@ class TapsModule(L.LightningModule):
             freeze_gates_epochs=freeze_gates_epochs)
         weights_sha256 = normalize_sha256(weights_sha256)
         self.save_hyperparameters()
-        if weights is not None and weights_sha256 is not None and _sha256(weights) != weights_sha256:
-            raise ValueError(f"{weights}: SHA-256 differs from the expected {weights_sha256}; the file is not the one "
-                             "the experiment was set up with (re-install it or drop weights_sha256)")
+        if weights is not None:
+            check_weights_file(weights, weights_sha256)
         net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
         self.input_mean_std = input_mean_std(net)  # what experiments.fit normalises the data with
         self.tasks = dict(tasks)
-        self.mode = create_mode(mode, self.hparams)
+        self.mode = mode_cls(ModeSettings.of(self.hparams))
         self.model = self.mode.build(net, self.tasks)
         #: ``layers`` or ``params``, resolved (``hparams.penalty`` keeps what was given, maybe None).
         self.penalty = penalty
-        self.budget_controller: BudgetController | None = None
-        if budget is not None:
-            minimum = {task: sum(self.model.norm_and_head_params(task)) / self.model.base_param_count
-                       for task in self.tasks}
-            check_budget_reachable(budget, minimum)
-            self.budget_controller = BudgetController(self.tasks, budget, 0.0, budget_rate, minimum=minimum)
+        #: each task's ``lambda``, and everything a storage budget decides (:mod:`~taps_lightning.budget`)
+        self.lam_policy = create_lambda_policy(
+            self.tasks, lam, budget, budget_rate,
+            minimum=lambda: {t: sum(self.model.norm_and_head_params(t)) / self.model.base_param_count
+                             for t in self.tasks})
         self.val_acc = self._metrics()
         self.test_acc = self._metrics()
         self._nonfinite: dict[str, Tensor] = {}
@@ -195,8 +175,7 @@ class TapsModule(L.LightningModule):
         #: ``{task: images}`` the norms of the evaluated weights were re-estimated on (empty: not re-estimated)
         self.recalibrated_images: dict[str, int] = {}
         self._norms_fresh = False  # statistics re-estimated for the weights as they are now
-        self._gates_before: dict[str, Tensor] = {}
-        self._gate_flips: dict[str, Tensor] = {}
+        self._gate_flips = GateFlipCounter()
 
     def _metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({t: MulticlassAccuracy(num_classes=n, average="micro") for t, n in self.tasks.items()})
@@ -219,38 +198,29 @@ class TapsModule(L.LightningModule):
         """First epoch in which TAPS gates train (later than 0 only in memory-efficient mode)."""
         return self.mode.taps_start_epoch()
 
-    def lam_now(self) -> float:
-        """``lam`` once the sparsity warm-up is over, else 0 (with a budget: see :meth:`task_lam`)."""
-        return self.mode.penalty_weight(self.current_epoch)
-
     def task_lam(self, task: str) -> float | None:
-        """The ``lambda`` ``task`` trains with: the budget controller's (its last value), or
-        ``lam``; ``None`` in modes without gates."""
-        if not self.is_taps:
-            return None
-        return self.budget_controller.lam[task] if self.budget_controller is not None else float(self.hparams.lam)
+        """The ``lambda`` ``task`` trains with once the penalty applies (with a budget, the
+        controller's latest); ``None`` in modes without gates."""
+        return self.lam_policy.lam(task) if self.is_taps else None
+
+    def _fractions(self, tasks) -> dict[str, float]:
+        return {task: float(self.task_cost(task)["fraction"]) for task in tasks}
 
     def within_budget(self) -> dict[str, bool] | None:
         """``{task: stores at most the budget}`` under the current gates; ``None`` without a budget."""
-        if self.budget_controller is None:
-            return None
-        return {t: self.budget_controller.meets(float(self.task_cost(t)["fraction"])) for t in self.tasks}
+        return self.lam_policy.within(self._fractions(self.tasks)) if self.lam_policy.budget is not None else None
 
     def _step_lams(self, tasks, batch_idx: int) -> dict[str, float]:
-        """Each task's ``lambda`` for this batch. With a budget, the controller first takes one
-        dual-ascent step from the current fractions (once the penalty applies, and once per
-        optimizer step: the first batch of an accumulation), and both are logged as
-        ``taps/<task>/lam`` and ``taps/<task>/task_params_fraction``."""
-        if self.budget_controller is None:
-            lam = self.lam_now()
-            return {task: lam for task in tasks}
-        fractions = {task: float(self.task_cost(task)["fraction"]) for task in tasks}
-        if not self.mode.penalty_active(self.current_epoch):
-            lams = {task: 0.0 for task in tasks}
-        elif batch_idx % max(1, self._trainer.accumulate_grad_batches if self._trainer else 1) == 0:
-            lams = self.budget_controller.update(fractions)
-        else:  # the scores have not moved since this optimizer step's first batch
-            lams = {task: self.budget_controller.lam[task] for task in tasks}
+        """Each task's ``lambda`` for this batch, from :attr:`lam_policy` (0 until the penalty
+        applies). With a budget, the controller takes one dual-ascent step from the current
+        fractions once per optimizer step (the first batch of an accumulation), and both are
+        logged as ``taps/<task>/lam`` and ``taps/<task>/task_params_fraction``."""
+        budget = self.lam_policy.budget is not None
+        fractions = self._fractions(tasks) if budget else {task: math.nan for task in tasks}
+        new_step = batch_idx % max(1, self._trainer.accumulate_grad_batches if self._trainer else 1) == 0
+        lams = self.lam_policy.step(fractions, self.mode.penalty_active(self.current_epoch), new_step)
+        if not budget:
+            return lams
         for task in tasks:
             self.log(f"taps/{task}/lam", lams[task], on_step=True, on_epoch=False, batch_size=1)
             self.log(f"taps/{task}/task_params_fraction", fractions[task], on_step=True, on_epoch=False, batch_size=1)
@@ -274,17 +244,23 @@ class TapsModule(L.LightningModule):
         t = self.trainer
         rank_zero_info(
             f"TAPS | backbone={self.hparams.backbone} mode={self.hparams.mode} tasks={self.tasks} "
-            + (f"budget={self.hparams.budget} " if self.budget_controller is not None else f"lam={self.hparams.lam} ")
+            + f"{self.lam_policy.describe()} "
             + (f"penalty={self.penalty} " if self.is_taps else "")
             + f"device={self.device.type} x{t.world_size} precision={t.precision} "
             f"epochs={t.max_epochs}"
         )
 
+    def on_fit_end(self) -> None:
+        ckpt = self.trainer.checkpoint_callback  # a budget run whose best checkpoint is still over budget
+        message = (self.lam_policy.missed_message(ckpt.best_model_score)
+                   if ckpt is not None and ckpt.monitor == BUDGET_MONITOR else None)
+        if message:
+            rank_zero_warn(message)
+
     def on_train_epoch_start(self) -> None:
         self.mode.enter_epoch(self.model, self.current_epoch)
         if self.is_taps:  # gate flips are counted against the previous step's gates
-            self._gates_before = {t: self.model.gate_tensor(t) for t in self.tasks}
-            self._gate_flips = {t: torch.zeros((), dtype=torch.long, device=self.device) for t in self.tasks}
+            self._gate_flips.start(self.model, self.tasks)
 
     def gates_frozen(self) -> bool:
         """Whether this epoch is one of the last ``freeze_gates_epochs`` (scores not updated)."""
@@ -336,7 +312,7 @@ class TapsModule(L.LightningModule):
         return total
 
     def on_train_epoch_end(self) -> None:
-        for task, flips in self._gate_flips.items():  # gate changes between optimizer steps, this epoch
+        for task, flips in self._gate_flips.flips.items():  # gate changes between optimizer steps, this epoch
             self.log(f"taps/{task}/gate_flips", flips.float(), on_step=False, on_epoch=True, batch_size=1,
                      sync_dist=True)  # the same on every rank (the scores are)
         message = self.mode.end_epoch(self.model, self.current_epoch,
@@ -351,11 +327,7 @@ class TapsModule(L.LightningModule):
         if self.trainer.is_last_batch or batch_idx + 1 >= self.trainer.num_training_batches:
             self._enforce_budget()
         self._norms_fresh = False  # the weights moved: statistics are re-estimated before the next evaluation
-        if self._gates_before:
-            for task, before in self._gates_before.items():
-                now = self.model.gate_tensor(task)
-                self._gate_flips[task] += (now != before).sum()  # on the device: no sync per step
-                self._gates_before[task] = now
+        self._gate_flips.step(self.model)
 
     def on_validation_start(self) -> None:
         if self.trainer.sanity_checking:
@@ -399,16 +371,10 @@ class TapsModule(L.LightningModule):
         return images
 
     def _enforce_budget(self) -> None:
-        """Switch off each over-budget task's lowest-score layers (:func:`enforce_budget`) once
-        the penalty applies. The scores are the same on every rank, so every rank switches off
-        the same layers."""
-        if self.budget_controller is None or not self.mode.penalty_active(self.current_epoch):
-            return
-        for task in self.tasks:
-            dropped = enforce_budget(self.model, task, self.budget_controller.budget)
-            if dropped:
-                rank_zero_info(f"TAPS | budget: {task} was over {100 * self.budget_controller.budget:.4g} %; switched off "
-                               f"{len(dropped)} layer(s) with the lowest scores: {', '.join(dropped)}")
+        """Switch off each over-budget task's lowest-score layers once the penalty applies. The
+        scores are the same on every rank, so every rank switches off the same layers."""
+        for message in self.lam_policy.enforce(self.model, self.tasks, self.mode.penalty_active(self.current_epoch)):
+            rank_zero_info(message)
 
     def _eval_step(self, metrics: nn.ModuleDict, batch, dataloader_idx: int) -> None:
         x, y = batch
@@ -470,18 +436,9 @@ class TapsModule(L.LightningModule):
                 fractions[task] = float(cost["fraction"])
                 self.log(f"{stage}/{task}/active_layers", float(cost["active_layers"]), sync_dist=True)
                 self.log(f"{stage}/{task}/task_params_fraction", fractions[task], sync_dist=True)
-            if self.budget_controller is not None and mean_acc is not None:
-                # what ModelCheckpoint ranks in budget runs: the accuracy once the penalty applies and
-                # every task is within budget; else minus the largest excess, and minus 1 more before the
-                # penalty applies (memory-efficient's joint phase stores little, but its gates are not
-                # chosen yet), so neither is ever ranked above an epoch that met the budget
-                within = all(self.budget_controller.meets(f) for f in fractions.values())
-                penalised = self.mode.penalty_active(self.current_epoch)
-                if within and penalised:
-                    score = mean_acc
-                else:
-                    excess = max(f - self.budget_controller.budget for f in fractions.values())
-                    score = torch.tensor(-max(excess, 0.0) - (0.0 if penalised else 1.0), device=self.device)
+            score = (self.lam_policy.rank_score(mean_acc, fractions, self.mode.penalty_active(self.current_epoch))
+                     if mean_acc is not None else None)
+            if score is not None:  # budget runs: what ModelCheckpoint ranks (val/budget_acc)
                 self.log(f"{stage}/budget_acc", score, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -541,8 +498,9 @@ class TapsModule(L.LightningModule):
         # The global RNG drives shuffling and augmentation: restoring it makes a resumed run
         # continue exactly as an uninterrupted one (single process, num_workers=0).
         checkpoint["taps_rng_state"] = torch.get_rng_state()
-        if self.budget_controller is not None:  # per-task lambdas: a resumed run continues the controller
-            checkpoint["taps_budget"] = self.budget_controller.state_dict()
+        budget_state = self.lam_policy.state_dict()
+        if budget_state is not None:  # per-task lambdas: a resumed run continues the controller
+            checkpoint["taps_budget"] = budget_state
         # the data's class names: a resume or an evaluation on data whose classes changed is refused
         checkpoint["taps_class_names"] = data_class_names(self._datamodule(), self.tasks)
 
@@ -561,9 +519,8 @@ class TapsModule(L.LightningModule):
                                      data_class_names(self._datamodule(), self.tasks), "the checkpoint")
         if changes:
             raise SettingsError(changes)
-        if self.budget_controller is not None and "taps_budget" in checkpoint:
-            # lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under this budget)
-            self.budget_controller.load_state_dict(checkpoint["taps_budget"])
+        # a budget's lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under it)
+        self.lam_policy.load_state_dict(checkpoint.get("taps_budget"))
         changed = {k: (saved[k], v) for k, v in self.hparams.items() if k in saved and saved[k] != v}
         if changed:  # allowed (e.g. another lam from here on), but never silently
             rank_zero_warn("resuming with changed --model settings: " + ", ".join(

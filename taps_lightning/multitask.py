@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .norms import TaskNorm, task_batchnorms_of
 from .tuners import TaskLayer
 
-__all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name"]
+__all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name", "task_cost_of"]
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -24,6 +24,16 @@ def default_backbone_name(backbone: nn.Module) -> str:
     """timm's architecture name, else the class name (what task files record)."""
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     return str(cfg.get("architecture") or type(backbone).__name__)
+
+
+def task_cost_of(active_layers: int, gated_layers: int, delta_params: int, norm_params: int, head_params: int,
+                 base_params: int) -> dict[str, float]:
+    """The cost dict every model's :meth:`MultiTaskModel.task_cost` returns: the parts, the
+    task's own parameters (``task_params``, their sum) and ``fraction`` of the base."""
+    task_params = delta_params + norm_params + head_params
+    return {"active_layers": active_layers, "gated_layers": gated_layers, "delta_params": delta_params,
+            "norm_params": norm_params, "head_params": head_params, "task_params": task_params,
+            "base_params": base_params, "fraction": task_params / base_params}
 
 
 class MultiTaskModel(nn.Module):
@@ -158,13 +168,6 @@ class MultiTaskModel(nn.Module):
         return {}
 
     # -- export --------------------------------------------------------------------------
-    def task_file(self, task: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """``(tensors, metadata)`` of ``task``'s file (see :func:`~taps_lightning.save_task`)."""
+    def task_file_metadata(self, task: str) -> dict[str, str]:
+        """The metadata of ``task``'s file (the tensors' layout is :mod:`~taps_lightning.export`'s)."""
         raise NotImplementedError(f"{type(self).__name__} has no task files; it stores tasks in its checkpoint")
-
-    def norm_and_head_tensors(self, task: str) -> dict[str, Tensor]:
-        """``norm.<layer>.<key>`` and ``head.<key>``: what every kind of task file stores."""
-        tensors = {f"norm.{name}.{k}": v.detach() for name, norm in self.task_norms()
-                   for k, v in norm.task_norm(task).state_dict().items()}
-        tensors.update({f"head.{k}": v.detach() for k, v in self.heads[task].state_dict().items()})
-        return tensors

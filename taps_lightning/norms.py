@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Iterable
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -24,6 +25,8 @@ NORM_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, n
 
 class TaskNorm(TaskLayer, nn.Module):
     """Holds ``base_norm`` (frozen template) and ``norms[task]`` (trained copies)."""
+
+    adapter_layer_names = ("norms",)
 
     def __init__(self, base_norm: nn.Module) -> None:
         super().__init__()
@@ -57,6 +60,15 @@ class TaskNorm(TaskLayer, nn.Module):
 
     def merged_layer(self, task: str) -> nn.Module:
         return copy.deepcopy(self.norms[task])
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        return {f"norm.{k}": v.shape for k, v in self.base_norm.state_dict().items()}
+
+    def task_state(self, task: str) -> dict[str, Tensor]:
+        return self.task_tensors(task)
+
+    def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        self.norms[task].load_state_dict({k[len("norm."):]: v for k, v in state.items()})
 
     def forward(self, x: Tensor) -> Tensor:
         if self.active_task is None:

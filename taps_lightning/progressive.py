@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .inject import inject_taps, strip_classifier
 from .layers import base_layer_getattr, call_with_weight, check_gatable
-from .multitask import MultiTaskModel, default_backbone_name
+from .multitask import MultiTaskModel, default_backbone_name, task_cost_of
 from .signature import base_fingerprint
 from .tuners import TaskLayer
 
@@ -34,6 +34,8 @@ __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_s
 class LoRALayer(TaskLayer, nn.Module):
     """A frozen ``base_layer`` plus low-rank weight deltas ``B @ A * alpha / rank``, one per adapter;
     each task is routed to one adapter (``adapter_of``), several tasks may share one."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float | None = None) -> None:
         super().__init__()
@@ -58,6 +60,28 @@ class LoRALayer(TaskLayer, nn.Module):
         """``B @ A * alpha / rank`` of adapter ``key``."""
         return (self.lora_B[key] @ self.lora_A[key]).view_as(self.base_layer.weight) * self.scaling
 
+    def adapter_parameters(self, key: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(A, B)`` of adapter ``key``."""
+        return self.lora_A[key], self.lora_B[key]
+
+    def adapter_size(self, key: str) -> int:
+        """Parameters adapter ``key`` stores."""
+        return sum(p.numel() for p in self.adapter_parameters(key))
+
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Start adapter ``target`` from adapter ``source``'s values."""
+        with torch.no_grad():
+            self.lora_A[target].copy_(self.lora_A[source])
+            self.lora_B[target].copy_(self.lora_B[source])
+
+    def adapter_for(self, task: str) -> str:
+        """The adapter ``task`` runs through here."""
+        return self.adapter_of[task]
+
+    def route(self, task: str, key: str) -> None:
+        """Run ``task`` through adapter ``key`` from now on."""
+        self.adapter_of[task] = key
+
     # -- TaskLayer verbs: a task is a route to an adapter ------------------------------------
     @property
     def tasks(self) -> list[str]:
@@ -70,9 +94,7 @@ class LoRALayer(TaskLayer, nn.Module):
         del self.adapter_of[task]
 
     def task_parameters(self, task: str):
-        key = self.adapter_of[task]
-        yield self.lora_A[key]
-        yield self.lora_B[key]
+        yield from self.adapter_parameters(self.adapter_of[task])
 
     def task_tensors(self, task: str) -> dict[str, Tensor]:
         return {"delta": self.adapter_weight(self.adapter_of[task]).detach()}
@@ -82,6 +104,21 @@ class LoRALayer(TaskLayer, nn.Module):
         with torch.no_grad():
             plain.weight.add_(self.adapter_weight(self.adapter_of[task]).to(plain.weight.dtype))
         return plain
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        a, b = self.adapter_parameters(next(iter(self.lora_A)))
+        return {"lora_A": a.shape, "lora_B": b.shape}
+
+    def task_state(self, task: str) -> dict[str, Tensor]:
+        """The adapter on ``task``'s path here (shared or its own)."""
+        a, b = self.adapter_parameters(self.adapter_of[task])
+        return {"lora_A": a.detach(), "lora_B": b.detach()}
+
+    def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        a, b = self.adapter_parameters(self.adapter_of[task])
+        with torch.no_grad():
+            a.copy_(state["lora_A"])
+            b.copy_(state["lora_B"])
 
     @property
     def weight(self) -> Tensor:
@@ -226,7 +263,7 @@ class ProgressiveAdapterModel(MultiTaskModel):
     def stage_parameters(self, stage: int, key: str = "0") -> list[nn.Parameter]:
         """The parameters of adapter ``key`` in every layer of ``stage``."""
         return [p for name, layer in self.lora_layers() if self.stage_of[name] == stage
-                for p in (layer.lora_A[key], layer.lora_B[key])]
+                for p in layer.adapter_parameters(key)]
 
     def assign(self, groups: Mapping[int, Sequence[Sequence[str]]], copy_from_shared: bool = True) -> None:
         """Route tasks: in ``stage``, the tasks of ``groups[stage][g]`` use adapter ``g``.
@@ -240,11 +277,9 @@ class ProgressiveAdapterModel(MultiTaskModel):
                     continue
                 for g, members in enumerate(stage_groups):
                     for task in members:
-                        layer.adapter_of[task] = str(g)
+                        layer.route(task, str(g))
                     if copy_from_shared and g > 0:
-                        with torch.no_grad():
-                            layer.lora_A[str(g)].copy_(layer.lora_A["0"])
-                            layer.lora_B[str(g)].copy_(layer.lora_B["0"])
+                        layer.copy_adapter("0", str(g))
         self.grouped = True
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -264,22 +299,17 @@ class ProgressiveAdapterModel(MultiTaskModel):
     # -- costs ----------------------------------------------------------------------------
     def path_adapters(self, task: str) -> list[tuple[str, str]]:
         """``(layer, adapter)`` on ``task``'s path."""
-        return [(name, layer.adapter_of[task]) for name, layer in self.lora_layers()]
+        return [(name, layer.adapter_for(task)) for name, layer in self.lora_layers()]
 
     def task_cost(self, task: str) -> dict[str, float]:
         """``delta_params`` are the adapters on the task's path (shared ones included: the task
         needs them to run); ``active_layers`` counts the layers where its adapter is its own."""
         layers = dict(self.lora_layers())
-        delta = sum(layers[n].lora_A[k].numel() + layers[n].lora_B[k].numel() for n, k in self.path_adapters(task))
+        delta = sum(layers[n].adapter_size(k) for n, k in self.path_adapters(task))
         norm, head = self.norm_and_head_params(task)
         own = sum(1 for n, k in self.path_adapters(task)
-                  if sum(1 for t in self.tasks if layers[n].adapter_of[t] == k) == 1)
-        total = delta + norm + head
-        return {"active_layers": own, "gated_layers": len(layers), "delta_params": delta, "norm_params": norm,
-                "head_params": head, "task_params": total, "base_params": self.base_param_count,
-                "fraction": total / self.base_param_count}
-
-    count_params = task_cost
+                  if sum(1 for t in self.tasks if layers[n].adapter_for(t) == k) == 1)
+        return task_cost_of(own, len(layers), delta, norm, head, self.base_param_count)
 
     def total_params_multiple(self) -> float:
         """Every adapter, norm and head counted once (a shared adapter serves several tasks)."""
@@ -289,17 +319,12 @@ class ProgressiveAdapterModel(MultiTaskModel):
         """Every adapter, norm and head once: what the whole multi-task model adds to the base."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def task_file(self, task: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """The task's path through the shared and task-specific adapters (``lora_A``/``lora_B``
-        of each layer), its norms and head (format ``progressive-task/1``)."""
-        tensors, layers = self.norm_and_head_tensors(task), dict(self.lora_layers())
-        for name, key in self.path_adapters(task):
-            tensors[f"lora_A.{name}"] = layers[name].lora_A[key].detach()
-            tensors[f"lora_B.{name}"] = layers[name].lora_B[key].detach()
-        metadata = {
+    def task_file_metadata(self, task: str) -> dict[str, str]:
+        """A task file holds the task's path through the shared and task-specific adapters
+        (``lora_A``/``lora_B`` of each layer), its norms and head (format ``progressive-task/1``)."""
+        return {
             "format": "progressive-task/1", "task": task, "backbone": self.backbone_name,
             "num_classes": str(self.heads[task].out_features), "schedule": json.dumps(self.schedule),
             "groups": json.dumps({str(s): g for s, g in self.groups.items()}),
             "path": json.dumps(self.path_adapters(task)), "base_fingerprint": base_fingerprint(self),
         }
-        return tensors, metadata

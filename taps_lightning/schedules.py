@@ -10,6 +10,7 @@ to two, equals two epochs run straight, bit for bit.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -18,7 +19,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .checks import SettingsError
 
-__all__ = ["ResumableLambdaLR"]
+__all__ = ["ResumableLambdaLR", "cosine_restart"]
+
+
+def cosine_restart(step: int, boundary: int, total: int) -> float:
+    """Cosine decay from 1 to 0 over ``[0, boundary)`` and again over ``[boundary, total)``
+    (one plain cycle when ``boundary`` is 0)."""
+    start, end = (0, boundary) if step < boundary else (boundary, total)
+    length = max(1, end - start)
+    return 0.5 * (1 + math.cos(math.pi * min(step - start, length) / length))
 
 
 class ResumableLambdaLR(LambdaLR):

@@ -13,7 +13,7 @@ from torch import Tensor
 from .model import TapsModel
 from .multitask import MultiTaskModel
 
-__all__ = ["sparsity_loss", "gate_states", "layer_scores", "count_params", "total_params_multiple"]
+__all__ = ["sparsity_loss", "gate_states", "count_params", "total_params_multiple", "GateFlipCounter"]
 
 
 def sparsity_loss(model: TapsModel, task: str, divisor: float | None = None) -> Tensor:
@@ -23,14 +23,6 @@ def sparsity_loss(model: TapsModel, task: str, divisor: float | None = None) -> 
     ``divisor`` replaces ``L`` (the authors' script divides by 52 whatever the backbone).
     """
     return model.regularizer(task, divisor)
-
-
-def layer_scores(model: TapsModel, task: str) -> "OrderedDict[str, float]":
-    """``{layer_name: score}`` in forward order (one device sync for all layers)."""
-    model._check_task(task)
-    names, layers = zip(*model.taps_layers())
-    values = torch.stack([layer.taps_score[task].detach().float() for layer in layers]).tolist()
-    return OrderedDict(zip(names, values))
 
 
 def gate_states(model: TapsModel, task: str) -> "OrderedDict[str, bool]":
@@ -58,3 +50,24 @@ def total_params_multiple(model: MultiTaskModel) -> float:
     """Base plus every task's task-specific parameters, in units of one backbone (the
     paper's "Params" column, e.g. ``4.12x``); an adapter shared by several tasks counts once."""
     return model.total_params_multiple()
+
+
+class GateFlipCounter:
+    """Counts each task's gate changes between steps (``taps/<task>/gate_flips``), on the device:
+    no host sync per step. :meth:`start` at an epoch's start, :meth:`step` after each step,
+    :attr:`flips` at its end."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, Tensor] = {}
+        self.flips: dict[str, Tensor] = {}
+
+    def start(self, model: MultiTaskModel, tasks) -> None:
+        gates = {t: model.gate_tensor(t) for t in tasks}
+        self.before = {t: g for t, g in gates.items() if g is not None}
+        self.flips = {t: torch.zeros((), dtype=torch.long, device=g.device) for t, g in self.before.items()}
+
+    def step(self, model: MultiTaskModel) -> None:
+        for task, before in self.before.items():
+            now = model.gate_tensor(task)
+            self.flips[task] += (now != before).sum()
+            self.before[task] = now

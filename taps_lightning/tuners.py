@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["TaskLayer"]
@@ -16,10 +17,14 @@ __all__ = ["TaskLayer"]
 class TaskLayer:
     """Mixin of every per-task layer (used with :class:`torch.nn.Module`).
 
-    Subclasses implement :attr:`tasks`, :meth:`add_task`, :meth:`_drop_task`,
-    :meth:`task_parameters`, :meth:`task_tensors` and :meth:`merged_layer`.
+    Subclasses declare :attr:`adapter_layer_names` and implement :attr:`tasks`,
+    :meth:`add_task`, :meth:`_drop_task`, :meth:`task_parameters`, :meth:`task_tensors`,
+    :meth:`merged_layer` and the task-file verbs :meth:`state_shapes`, :meth:`task_state` and
+    :meth:`load_task_state`. Nothing outside the layer indexes the attributes it declares.
     """
 
+    #: The attributes holding per-task state (as PEFT's ``adapter_layer_names``): only the layer reads them.
+    adapter_layer_names: tuple[str, ...] = ()
     active_task: str | None = None
 
     @property
@@ -54,4 +59,19 @@ class TaskLayer:
 
     def merged_layer(self, task: str) -> nn.Module:
         """A plain copy of the shared layer with ``task`` folded in (no per-task code left)."""
+        raise NotImplementedError
+
+    # -- what a task file holds of this layer (the file's layout is the export module's) ----
+    def state_shapes(self) -> dict[str, torch.Size]:
+        """Every entry :meth:`task_state` may return, with its shape (for checking a file)."""
+        raise NotImplementedError
+
+    def task_state(self, task: str) -> dict[str, Tensor]:
+        """``task``'s tensors to store, detached, by local name (``score``, ``delta``,
+        ``norm.<key>``, ``lora_A``, ...)."""
+        raise NotImplementedError
+
+    def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` (as :meth:`task_state` returns it; optional entries may be absent)
+        into ``task``'s tensors."""
         raise NotImplementedError

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskParamLogger, decathlon_score
 from callbacks.params import task_param_metrics
 from callbacks.report import collect_rows
-from callbacks.selection import selection_matrix
+from callbacks.selection import selection_mask
 from helpers import TinyTasks
 from taps_lightning.module import TapsModule
 
@@ -88,15 +88,15 @@ def _hand_scores(module, off):
                 layer.taps_score[task].fill_(0.05 if (task, i) in off else 0.3)
 
 
-def test_selection_matrix_equals_hand_mask():
+def test_selection_mask_equals_hand_mask():
     module = TapsModule(tasks={"a": 3, "b": 4}, **TINY)
     n = len(module.model.gated_names)
     off = {("a", 0), ("a", 3), ("b", n - 1)}
     _hand_scores(module, off)
-    tasks, layers, mask, scores = selection_matrix(module.model)
+    layers, mask, scores, threshold = selection_mask(module.model)
     expected = np.ones((2, n), dtype=np.float32)
     expected[0, 0] = expected[0, 3] = expected[1, n - 1] = 0
-    assert tasks == ["a", "b"] and layers == module.model.layer_order()
+    assert layers == module.model.layer_order() and threshold == module.model.threshold
     np.testing.assert_array_equal(mask, expected)
     np.testing.assert_allclose(scores, np.where(expected == 1, 0.3, 0.05), rtol=1e-6)
 

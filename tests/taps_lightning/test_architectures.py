@@ -136,7 +136,7 @@ def test_feature_extractor_needs_num_features():
     with pytest.raises(ValueError, match="cannot find the classifier of Sequential.*num_features=N"):
         tl.TapsModel(features, {"a": 2})
     model = tl.TapsModel(features, {"a": 2}, num_features=8).eval()
-    assert model.head_path is None and model.gated_names == ["0"]
+    assert model.classifier.path is None and model.gated_names == ["0"]
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(tl.merge(model, "a")(x), model(x, "a"))

@@ -9,7 +9,7 @@ from torch import nn
 
 from helpers import TinyTasks, assert_rounding_close, tiny_resnet
 from taps_lightning import gate_states
-from taps_lightning.budget import BudgetController, enforce_budget
+from taps_lightning.budget import BudgetController, enforce_budget, within_budget
 from taps_lightning.module import TapsModule
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
@@ -27,7 +27,7 @@ def test_controller_steps_are_dual_ascent_with_a_hold_band():
         lams = c.update({"a": 0.0, "b": 0.2, "c": 0.2, "d": 0.2})
     assert lams == pytest.approx({"a": 0.0, "b": 1.0, "c": 0.9, "d": 1.1})  # b, c, d at the budget: held
     assert c.steps == 31
-    assert c.meets(0.2) and not c.meets(0.2000001)
+    assert within_budget(0.2, 0.2) and not within_budget(0.2000001, 0.2)
 
 
 def test_controller_state_round_trips_as_plain_numbers():
@@ -261,7 +261,7 @@ class _LamSpy(L.Callback):
         self.seen = []
 
     def on_train_batch_end(self, trainer, pl_module, *args):
-        self.seen.append((trainer.global_step, dict(pl_module.budget_controller.lam)))
+        self.seen.append((trainer.global_step, dict(pl_module.lam_policy.controller.lam)))
 
 
 def test_resume_continues_the_controller_exactly(tmp_path):
@@ -289,7 +289,7 @@ def test_resume_continues_the_controller_exactly(tmp_path):
     resumed, rest = run("split", ckpt_path=str(tmp_path / "split" / "last.ckpt"))
     assert first + rest == seen  # every step's lambdas, before and after the interruption
     assert first[-1][1]["a"] > 0  # lambda is not at its start value when the run stops: restoring it matters
-    assert resumed.budget_controller.state_dict() == straight.budget_controller.state_dict()
+    assert resumed.lam_policy.controller.state_dict() == straight.lam_policy.controller.state_dict()
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)["taps_budget"]
@@ -369,14 +369,14 @@ def test_a_shrunk_step_size_is_restored_and_the_controller_continues_exactly():
 def test_a_resumed_module_continues_a_shrunk_controller(tmp_path):
     """Through the module's checkpoint hooks, as Lightning calls them on ``--ckpt_path``."""
     module = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
-    _shrink(module.budget_controller)
+    _shrink(module.lam_policy.controller)
     checkpoint = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")
     resumed = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
     resumed.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
-    assert resumed.budget_controller.state_dict() == module.budget_controller.state_dict()
-    assert _continue(resumed.budget_controller) == _continue(module.budget_controller)
+    assert resumed.lam_policy.controller.state_dict() == module.lam_policy.controller.state_dict()
+    assert _continue(resumed.lam_policy.controller) == _continue(module.lam_policy.controller)
 
 
 def test_controller_refuses_bad_settings_and_eases_a_task_with_nothing_left():
@@ -393,10 +393,10 @@ def test_controller_refuses_bad_settings_and_eases_a_task_with_nothing_left():
 def test_a_budget_run_adds_each_tasks_own_lambda_times_the_params_penalty():
     torch.manual_seed(0)
     module = TapsModule(tasks={"a": 3, "b": 4}, mode="incremental", budget=0.5, **TINY).train()
-    module.budget_controller.lam.update(a=0.3, b=1.7)
+    module.lam_policy.controller.lam.update(a=0.3, b=1.7)
     batch = {t: (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])) for t in ("a", "b")}
     total = module.training_step(batch, 0)
-    lams = module.budget_controller.lam  # one controller step from the all-on start: each rose by the rate
+    lams = module.lam_policy.controller.lam  # one controller step from the all-on start: each rose by the rate
     assert lams == pytest.approx({"a": 0.35, "b": 1.75})
     layers = [l for _, l in module.model.taps_layers()]
     n = torch.tensor([float(l.base_layer.weight.numel()) for l in layers], dtype=torch.float64)
@@ -415,7 +415,7 @@ def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step
     L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
               accumulate_grad_batches=3).fit(module, data)
-    assert module.budget_controller.steps == 2 == module.trainer.global_step
+    assert module.lam_policy.controller.steps == 2 == module.trainer.global_step
 
 
 def test_resuming_with_another_budget_is_refused(tmp_path):

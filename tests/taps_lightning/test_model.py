@@ -155,5 +155,5 @@ def test_torchvision_backbone_is_supported():
     import torchvision
 
     model = tl.TapsModel(torchvision.models.mobilenet_v2(weights=None), {"a": 4})
-    assert model.head_path == "classifier.1" and model.num_features == 1280
+    assert model.classifier.path == "classifier.1" and model.num_features == 1280
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
