@@ -1,6 +1,8 @@
-"""configs/: a base per benchmark (configs/base/) plus one small file per experiment, composed with
-``--config BASE --config EXPERIMENT``. Every experiment resolves, names its base in its own header
-command, and resolves to its base's values overridden by its own (dicts key by key, lists whole)."""
+"""configs/: a folder per benchmark, its base.yaml beside one small file per experiment, composed with
+``--config configs/<benchmark>/base.yaml --config configs/<benchmark>/<experiment>.yaml``. Every
+experiment resolves, names that pair in its own header command, and resolves to its base's values
+overridden by its own (dicts key by key, lists whole). No YAML sits at the top of configs/, so a
+one-file command with an old path (``--config configs/domainnet_joint.yaml``) fails loudly."""
 import re
 from pathlib import Path
 
@@ -12,28 +14,37 @@ from experiments.fit import main
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
-#: Each experiment file and the base it goes after (the README's table of commands).
-BASES = {
-    **{f"imagenet_to_sketch_{t}.yaml": "imagenet_to_sketch"
+BENCHMARKS = ("imagenet_to_sketch", "domainnet", "decathlon")
+
+#: Every experiment file (its path under configs/; its base is base.yaml in the same folder) and what
+#: it is, resolved: backbone, mode, tasks (None: all of the benchmark's), epochs, run name.
+WHAT = {
+    **{f"imagenet_to_sketch/{t}.yaml": ("resnet50", "incremental", [t], 30, f"i2s_{t}")
        for t in ("flowers", "stanford_cars_cropped", "sketches", "cubs_cropped", "wikiart")},
-    **{f"arch_sweep_{b}.yaml": "imagenet_to_sketch" for b in ("resnet50", "densenet121", "vit_base_patch16_224")},
-    "authors_recipe.yaml": "imagenet_to_sketch",
-    **{f"domainnet_{m}.yaml": "domainnet" for m in ("incremental", "joint", "memory_efficient")},
-    "decathlon.yaml": "decathlon",
+    **{f"imagenet_to_sketch/arch_sweep_{b}.yaml": (b, "incremental", ["flowers"], 30, f"arch_{b}_flowers")
+       for b in ("resnet50", "densenet121", "vit_base_patch16_224")},
+    "imagenet_to_sketch/authors_recipe.yaml": ("resnet50", "incremental", ["flowers"], 31, "authors_recipe_flowers"),
+    **{f"domainnet/{m}.yaml": ("resnet34", m, None, 30, f"domainnet_{m}")
+       for m in ("incremental", "joint", "memory_efficient")},
+    "decathlon/lambda_0.25.yaml": ("resnet26", "incremental", ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb",
+                                                               "vgg-flowers", "omniglot", "svhn", "ucf101"],
+                                   120, "decathlon"),
 }
 
-#: What each experiment is, resolved: backbone, mode, tasks (None: all of the benchmark's), epochs, run name.
-WHAT = {
-    **{f"imagenet_to_sketch_{t}.yaml": ("resnet50", "incremental", [t], 30, f"i2s_{t}")
-       for t in ("flowers", "stanford_cars_cropped", "sketches", "cubs_cropped", "wikiart")},
-    **{f"arch_sweep_{b}.yaml": (b, "incremental", ["flowers"], 30, f"arch_{b}_flowers")
-       for b in ("resnet50", "densenet121", "vit_base_patch16_224")},
-    "authors_recipe.yaml": ("resnet50", "incremental", ["flowers"], 31, "authors_recipe_flowers"),
-    **{f"domainnet_{m}.yaml": ("resnet34", m, None, 30, f"domainnet_{m}")
-       for m in ("incremental", "joint", "memory_efficient")},
-    "decathlon.yaml": ("resnet26", "incremental", ["aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb",
-                                                   "vgg-flowers", "omniglot", "svhn", "ucf101"], 120, "decathlon"),
-}
+#: The single-file presets before the split, each a complete config then; given alone today, an
+#: experiment file would silently run the offline default data with a few settings changed.
+OLD_PRESETS = (
+    *(f"imagenet_to_sketch_{t}.yaml" for t in ("flowers", "stanford_cars_cropped", "sketches", "cubs_cropped",
+                                               "wikiart")),
+    *(f"arch_sweep_{b}.yaml" for b in ("resnet50", "densenet121", "vit_base_patch16_224")),
+    "authors_recipe.yaml",
+    *(f"domainnet_{m}.yaml" for m in ("incremental", "joint", "memory_efficient")),
+    "decathlon.yaml",
+)
+
+
+def base_of(name: str) -> Path:
+    return CONFIGS / Path(name).parent / "base.yaml"
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -87,19 +98,38 @@ def at_or_missing(tree: dict, dotted: str):
         return MISSING
 
 
-def test_every_experiment_file_has_a_base_and_every_base_is_used():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(BASES) == sorted(WHAT)
-    assert sorted(p.stem for p in (CONFIGS / "base").glob("*.yaml")) == sorted(set(BASES.values()))
+def test_every_benchmark_folder_has_a_base_and_the_experiments_listed():
+    assert sorted(p.name for p in CONFIGS.iterdir()) == sorted(BENCHMARKS)  # folders only, nothing else
+    for benchmark in BENCHMARKS:
+        assert (CONFIGS / benchmark / "base.yaml").is_file()
+        assert not [p for p in (CONFIGS / benchmark).iterdir() if p.suffix != ".yaml"]
+    experiments = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("*/*.yaml") if p.name != "base.yaml")
+    assert experiments == sorted(WHAT)
 
 
-@pytest.mark.parametrize("name", sorted(BASES))
+def test_no_config_at_the_top_of_configs_so_old_one_file_commands_fail_loudly(capsys):
+    """Every old single-file preset path is gone (no file of any kind at the top of configs/), and
+    ``fit --config configs/<old>.yaml`` exits with an error naming the file instead of training."""
+    assert not [p for p in CONFIGS.iterdir() if not p.is_dir()]
+    for old in OLD_PRESETS:
+        assert not (CONFIGS / old).exists(), old
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(CONFIGS / old), "--print_config"])
+        assert exit_info.value.code not in (0, None), old
+        captured = capsys.readouterr()
+        assert "does not exist" in captured.err and old in captured.err, old
+        assert not captured.out.strip(), old  # no config was printed
+
+
+@pytest.mark.parametrize("name", sorted(WHAT))
 def test_experiment_resolves_over_its_base(name, capsys):
     """The composed config resolves, the file's header gives that exact pair, and the result is the
     base's values with the experiment file's own on top (every value either file writes is there)."""
-    base, experiment = CONFIGS / "base" / f"{BASES[name]}.yaml", CONFIGS / name
+    base, experiment = base_of(name), CONFIGS / name
     header = " ".join(line.lstrip("# ").rstrip("\\ ") for line in experiment.read_text().splitlines()
                       if line.startswith("#"))
-    assert re.search(rf"experiments\.fit --config configs/base/{BASES[name]}\.yaml +--config configs/{name} ",
+    folder = re.escape(str(Path(name).parent))
+    assert re.search(rf"experiments\.fit --config configs/{folder}/base\.yaml +--config configs/{re.escape(name)} ",
                      header), f"{name}'s header does not show its command"
 
     resolved = resolve(capsys, base, experiment)
@@ -113,9 +143,9 @@ def test_experiment_resolves_over_its_base(name, capsys):
 
 def test_overrides_override_the_base(capsys):
     """Two ImageNet-to-Sketch variants differ where their files say, and share what only the base sets."""
-    base = CONFIGS / "base" / "imagenet_to_sketch.yaml"
-    flowers = resolve(capsys, base, CONFIGS / "imagenet_to_sketch_flowers.yaml")
-    wikiart = resolve(capsys, base, CONFIGS / "imagenet_to_sketch_wikiart.yaml")
+    base = CONFIGS / "imagenet_to_sketch" / "base.yaml"
+    flowers = resolve(capsys, base, CONFIGS / "imagenet_to_sketch" / "flowers.yaml")
+    wikiart = resolve(capsys, base, CONFIGS / "imagenet_to_sketch" / "wikiart.yaml")
     assert flowers["data"]["init_args"]["tasks"] == ["flowers"] and wikiart["data"]["init_args"]["tasks"] == ["wikiart"]
     assert flowers["trainer"]["logger"]["init_args"]["name"] == "i2s_flowers"
     assert wikiart["trainer"]["logger"]["init_args"]["name"] == "i2s_wikiart"
@@ -129,7 +159,7 @@ def test_overrides_override_the_base(capsys):
     differ = {k: v for k, v in leaves(flowers).items() if at_or_missing(wikiart, k) != v}
     assert differ == {"data.init_args.tasks": ["flowers"], "trainer.logger.init_args.name": "i2s_flowers"}
 
-    recipe = resolve(capsys, base, CONFIGS / "authors_recipe.yaml")
+    recipe = resolve(capsys, base, CONFIGS / "imagenet_to_sketch" / "authors_recipe.yaml")
     assert recipe["trainer"]["max_epochs"] == 31 and recipe["trainer"]["precision"] == "32-true"
     assert recipe["model"]["lr"] == 0.08 and recipe["trainer"]["accumulate_grad_batches"] == 8
     assert recipe["data"]["init_args"]["batch_size"] == 32  # the base's
@@ -147,7 +177,7 @@ def test_later_config_merges_dicts_and_replaces_lists(capsys, tmp_path):
         "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                                    "init_args": {"monitor": "val/acc"}}]},
     }))
-    cfg = resolve(capsys, CONFIGS / "base" / "decathlon.yaml", base, override)
+    cfg = resolve(capsys, CONFIGS / "decathlon" / "base.yaml", base, override)
     assert cfg["data"]["init_args"]["tasks"] == ["dtd"]  # not the base's nine plus dtd
     assert cfg["data"]["class_path"] == "datamodules.VisualDecathlon"  # the rest of data is the base's
     assert cfg["data"]["init_args"]["train_on_trainval"] is True and cfg["data"]["init_args"]["batch_size"] == 128
