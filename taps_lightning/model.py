@@ -118,6 +118,11 @@ class TapsModel(MultiTaskModel):
                 yield from layer.task_parameters(t)
             yield from self.heads[t].parameters()
 
+    def score_parameters(self) -> Iterator[nn.Parameter]:
+        for _, layer in self.taps_layers():
+            for task in layer.tasks:
+                yield layer.score(task)
+
     def set_base_trainable(self, trainable: bool) -> None:
         """Train (joint TAPS) or freeze (incremental TAPS) the shared weights."""
         self.freeze_base = not trainable

@@ -269,9 +269,8 @@ class TapsModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if self.gates_frozen():  # SGD skips a parameter without a gradient: no step, no momentum
-            for name, p in self.model.named_parameters():
-                if ".taps_score." in name:
-                    p.grad = None
+            for p in self.model.score_parameters():
+                p.grad = None
 
     def forward(self, x: Tensor, task: str) -> Tensor:
         return self.model(x, task)
@@ -466,8 +465,9 @@ class TapsModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = self.mode.optimizer_parameters(self.model)
-        scores = [p for n, p in params if ".taps_score." in n]
-        others = [p for n, p in params if ".taps_score." not in n]
+        score_ids = {id(p) for p in self.model.score_parameters()}
+        scores = [p for _, p in params if id(p) in score_ids]
+        others = [p for _, p in params if id(p) not in score_ids]
         groups = [{"params": others, "weight_decay": hp.weight_decay}]
         if scores:
             groups.append({"params": scores, "weight_decay": 0.0, "lr": hp.score_lr or hp.lr})

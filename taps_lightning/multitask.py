@@ -132,6 +132,11 @@ class MultiTaskModel(nn.Module):
         """Parameters of ``task`` alone (or of every task)."""
         raise NotImplementedError
 
+    def score_parameters(self) -> Iterator[nn.Parameter]:
+        """Every task's layer scores (TAPS; none elsewhere): their own learning rate, no weight
+        decay, and no update while gates are frozen."""
+        return iter(())
+
     def regularizer(self, task: str, divisor: float | None = None, penalty: str = "layers") -> Tensor | None:
         """The task's extra loss term before its weight (TAPS: the sparsity penalty); ``None``: none."""
         return None
