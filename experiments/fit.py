@@ -34,7 +34,7 @@ from taps_lightning.module import TapsModule
 from taps_lightning.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .inputs import check_against_data, check_data_flags, run_cli, task_classes
+from .inputs import check_against_data, check_config_order, check_data_flags, run_cli, task_classes
 from .preemption import exit_on_sigterm, use_beside_target_checkpoint_io
 from .runs import LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version, read_checkpoint
 
@@ -106,6 +106,7 @@ class TapsCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config
+        check_config_order(cfg.get("config"))  # an experiment file needs its benchmark's base.yaml first
         check_data_flags(cfg.data, cfg.model)  # sizes in range, weights a file: before anything is built or claimed
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()

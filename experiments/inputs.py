@@ -95,6 +95,18 @@ def check_data_flags(data_cfg, model_cfg=None) -> None:
         raise SystemExit("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
+def check_config_order(configs) -> None:
+    """Refuse an experiment file of ``configs/<benchmark>/`` given without that folder's
+    ``base.yaml`` before it: alone it would run the offline defaults with a few settings changed."""
+    given = [Path(str(c)).resolve() for c in (configs or [])]
+    for i, path in enumerate(given):
+        base = path.parent / "base.yaml"
+        if path.name != "base.yaml" and base.is_file() and base not in given[:i]:
+            raise SettingsError(f"{path} overrides {base}, which was not given before it; alone it would run the "
+                                f"offline defaults with a few settings changed. Pass --config {base} "
+                                f"--config {path} (README: Train)")
+
+
 def task_classes(num_classes: dict[str, int]) -> dict[str, int]:
     """``--model.tasks`` from the data's ``{task: num_classes}``, once the data module exists and
     before the model does: a task name the model cannot hold (a folder name with a space, a dot,

@@ -160,7 +160,7 @@ class TapsModule(L.LightningModule):
         self.tasks = dict(tasks)
         self.mode = mode_cls(ModeSettings.of(self.hparams))
         self.model = self.mode.build(net, self.tasks)
-        #: ``layers`` or ``params``, resolved (``hparams.penalty`` keeps what was given, maybe None).
+        #: ``layers`` or ``params``, resolved (``hparams.penalty`` records it resolved too).
         self.penalty = penalty
         #: each task's ``lambda``, and everything a storage budget decides (:mod:`~taps_lightning.budget`)
         self.lam_policy = create_lambda_policy(

@@ -182,3 +182,20 @@ def test_later_config_merges_dicts_and_replaces_lists(capsys, tmp_path):
     assert cfg["data"]["class_path"] == "datamodules.VisualDecathlon"  # the rest of data is the base's
     assert cfg["data"]["init_args"]["train_on_trainval"] is True and cfg["data"]["init_args"]["batch_size"] == 128
     assert [c["class_path"] for c in cfg["trainer"]["callbacks"]] == ["lightning.pytorch.callbacks.EarlyStopping"]
+
+
+def test_experiment_file_without_its_base_is_refused(capsys):
+    """Alone, configs/domainnet/joint.yaml would train the offline digits in joint mode: fit
+    refuses it before anything is built, naming the base to pass first; with the base first
+    (or with a run's own config.yaml, which has no base.yaml beside it) the check passes."""
+    from experiments.fit import main
+    from experiments.inputs import check_config_order
+    from taps_lightning.checks import SettingsError
+
+    base, joint = ROOT / "configs" / "domainnet" / "base.yaml", ROOT / "configs" / "domainnet" / "joint.yaml"
+    with pytest.raises(SettingsError, match=r"joint.yaml overrides .*domainnet/base.yaml, which was not given"):
+        main(["--config", str(joint), "--trainer.default_root_dir", "/nonexistent-never-created"])
+    with pytest.raises(SettingsError, match="domainnet/base.yaml"):
+        check_config_order([joint, base])  # the base after its override: the override would be undone
+    check_config_order([base, joint])
+    check_config_order([ROOT / "configs" / "imagenet_to_sketch" / "base.yaml", joint.parent / "base.yaml", joint])
