@@ -1,5 +1,7 @@
 """TapsModule's public behaviour: constructor and fit-time refusals, the optimizer's parameter
 groups, a non-finite loss, the hyperparameters it keeps, the metrics it logs, and its costs."""
+import hashlib
+
 import pytest
 import torch
 
@@ -48,3 +50,16 @@ def test_scores_have_their_own_lr_and_no_weight_decay():
         else:  # deltas, the shared base (joint mode), task norms and heads
             expected = before[name] - lr * (1 + wd * before[name])
         torch.testing.assert_close(p.detach(), expected, msg=lambda m: f"{name}: {m}")
+
+
+def test_sha256_is_case_insensitive_and_checked(tmp_path):
+    import timm
+
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256=digest.upper(), **TINY)
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="0" * 64, **TINY)
+    with pytest.raises(ValueError, match="not a SHA-256 digest"):
+        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="abc", **TINY)
