@@ -67,6 +67,12 @@ def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:
     return layer
 
 
+def seeded_timm_model(name: str, kwargs: dict, **extra) -> nn.Module:
+    """timm's ``name`` with random weights drawn after ``torch.manual_seed(0)`` (nothing downloaded)."""
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs, **extra)
+
+
 def tiny_resnet(tasks=None, **kwargs) -> tl.TapsModel:
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
