@@ -118,7 +118,7 @@ def test_task_tensors_and_the_merged_layer_are_the_tasks_copy_alone():
 def test_task_batchnorms_of_lists_only_batchnorms_that_keep_running_statistics():
     keeps = [nn.BatchNorm2d(3), nn.BatchNorm1d(4), timm.layers.BatchNormAct2d(5), nn.BatchNorm2d(6)]
     others = [nn.BatchNorm2d(3, track_running_stats=False), nn.LayerNorm(4), nn.GroupNorm(1, 4),
-              nn.InstanceNorm2d(3), nn.Conv2d(3, 3, 1)]
+              nn.InstanceNorm2d(3, track_running_stats=True), nn.Conv2d(3, 3, 1)]  # statistics, but no BatchNorm
     first = nn.Sequential(keeps[0], others[0], nn.Sequential(others[1], keeps[1]), others[2])
     second = nn.Sequential(others[3], keeps[2], nn.ModuleList([others[4], keeps[3]]))
     found = task_batchnorms_of([first, second])
