@@ -1,7 +1,7 @@
 """Validate and test a TapsModule with 2 gloo processes on CPU, then print from rank 0 how many
 samples each task's accuracy metric counted over both ranks, as ``COUNTS {json}``.
 
-Run by ``test_training.py::test_ddp_evaluation_counts_every_sample_once`` (Lightning relaunches
+Run by ``tests/experiments/test_ddp.py::test_ddp_evaluation_counts_every_sample_once`` (Lightning relaunches
 this script for rank 1). Usage: ``python tests/ddp_eval_counts.py N_SAMPLES ROOT_DIR``.
 """
 import json

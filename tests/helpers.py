@@ -1,6 +1,8 @@
 """Small builders shared by the tests, and the rounding-aware comparison of reductions."""
 import copy
 import os
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -65,6 +67,12 @@ def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:
     return layer
 
 
+def seeded_timm_model(name: str, kwargs: dict, **extra) -> nn.Module:
+    """timm's ``name`` with random weights drawn after ``torch.manual_seed(0)`` (nothing downloaded)."""
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs, **extra)
+
+
 def tiny_resnet(tasks=None, **kwargs) -> tl.TapsModel:
     torch.manual_seed(0)
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
@@ -101,6 +109,35 @@ class TinyTasks:
 
         return _Tiny(batch_size=batch_size, num_workers=0, persistent_workers=False)
 
+
+
+#: The repository root (``experiments``, ``configs`` and ``tests`` live there).
+ROOT = Path(__file__).resolve().parents[1]
+#: A TapsModule small enough for a test: timm's random ``test_resnet``, a learning rate that moves
+#: it in a few steps, and the sparsity penalty from the first epoch.
+TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
+
+
+def cpu_trainer(tmp_path, **kw) -> L.Trainer:
+    """A quiet, deterministic one-process CPU ``Trainer`` (2 epochs, no logger, no checkpoints,
+    no sanity validation); ``kw`` overrides any of it."""
+    args = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                default_root_dir=tmp_path, deterministic=True)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+#: ``experiments.fit`` flags for a short run: one epoch on 48 images per task, one batch of each evaluation.
+QUICK = ["--trainer.max_epochs", "1", "--data.max_train_per_task", "48", "--data.batch_size", "16",
+         "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def run_fit_cli(args, tmp_path, timeout=600) -> subprocess.CompletedProcess:
+    """``python -m experiments.fit ARGS`` in ``tmp_path`` (data under ``tmp_path/data``), output captured."""
+    env = {**os.environ, "TAPS_DATA_HOME": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "experiments.fit", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 class PauseForSignal(L.Callback):

@@ -8,6 +8,7 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import randomize_tasks
+from helpers import seeded_timm_model as _create
 from taps_lightning.layers import GATED_TYPES, TapsLayer
 from taps_lightning.norms import TaskNorm
 
@@ -44,11 +45,6 @@ FAMILIES = [
 
 def _ids(param):
     return param.values[0] if hasattr(param, "values") else param[0]
-
-
-def _create(name, kwargs, **extra):
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs, **extra)
 
 
 def _classifier_names(plain: nn.Module) -> tuple[str, ...]:
@@ -112,24 +108,6 @@ def test_family(name, kwargs, size, tmp_path):
     assert any(layer.taps_score["b"].grad != penalty_only for layer in layers.values())
 
 
-@pytest.mark.parametrize("name,kwargs,expected", [
-    ("mobilenetv3_small_050", {}, tl.inject.Classifier("classifier", 1024, False)),
-    ("resnetv2_18", {}, tl.inject.Classifier("head.fc", 512, True)),
-    ("levit_128s", {"img_size": 64}, tl.inject.Classifier(("head", "head_dist"), 384, False)),
-    ("deit_tiny_distilled_patch16_224", {"img_size": 32}, tl.inject.Classifier(("head", "head_dist"), 192, False)),
-])
-def test_classifier_found_with_and_without_timm_head(name, kwargs, expected):
-    """``create_backbone`` builds timm models with ``num_classes=0``: nothing left to look at, yet
-    the head kind, its place(s) and the feature width must come out as from the full model."""
-    assert tl.strip_classifier(_create(name, kwargs)) == expected
-    headless = timm.create_model(name, num_classes=0, **kwargs)
-    torch.manual_seed(1)
-    assert tl.strip_classifier(headless) == expected
-    after = torch.rand(3)
-    torch.manual_seed(1)
-    assert torch.equal(after, torch.rand(3))  # the probe leaves the random stream alone
-
-
 def test_feature_extractor_needs_num_features():
     torch.manual_seed(0)
     features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -142,19 +120,3 @@ def test_feature_extractor_needs_num_features():
         torch.testing.assert_close(tl.merge(model, "a")(x), model(x, "a"))
     with pytest.raises(ValueError, match="num_features=16, but the backbone's classifier took 512"):
         tl.TapsModel(timm.create_model("resnet18"), {"a": 2}, num_features=16)
-
-
-def test_unsupported_timm_classifier_is_refused():
-    class WideHead(nn.Module):  # a timm-style model whose classifier is a 3x3 convolution
-        def __init__(self):
-            super().__init__()
-            self.body, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 3)
-
-        def get_classifier(self):
-            return self.fc
-
-        def reset_classifier(self, num_classes):
-            self.fc = nn.Conv2d(8, num_classes, 3) if num_classes else nn.Identity()
-
-    with pytest.raises(ValueError, match="WideHead: its classifier at fc is Conv2d.*Linear or 1x1 Conv2d classifier only"):
-        tl.strip_classifier(WideHead())

@@ -1,0 +1,140 @@
+"""``taps_lightning.checks``: settings that would make a run meaningless are refused before any
+compute, every problem at once, each naming the flag, the value given and what to set instead."""
+import pytest
+
+from helpers import TINY
+from taps_lightning.checks import (SettingsError, check_budget_reachable, check_training_settings, class_name_changes,
+                                   data_class_names, normalize_sha256)
+from taps_lightning.module import TapsModule
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(lam=-0.5), r"--model.lam must be a finite number >= 0 \(a negative lambda rewards large scores\), got -0.5"),
+    (dict(lam=float("nan")), r"--model.lam must be a finite number >= 0"),
+    (dict(threshold=0.2, score_init=0.15), r"--model.score_init 0.15 < --model.threshold 0.2: .*no layer can ever "
+                                           r"switch on.*linear probe"),
+    (dict(threshold=0.0, score_init=0.15), r"--model.threshold \(tau\) must be a finite number > 0"),
+    (dict(lr=0.0), r"--model.lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("inf")), r"--model.lr must be a finite number > 0"),
+    (dict(score_lr=-1.0), r"--model.score_lr must be a finite number > 0"),
+    (dict(momentum=1.0), r"--model.momentum must be in \[0, 1\)"),
+    (dict(weight_decay=-1e-4), r"--model.weight_decay must be >= 0"),
+    (dict(sparsity_warmup_epochs=-1), r"--model.sparsity_warmup_epochs must be an integer >= 0"),
+])
+def test_meaningless_settings_are_refused_with_the_flag(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TapsModule(tasks={"a": 3}, **{**TINY, **settings})
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ValueError) as info:
+        TapsModule(tasks={"a": 3}, **{**TINY, "lam": -1.0, "lr": -1.0})
+    assert "--model.lam" in str(info.value) and "--model.lr" in str(info.value)
+
+
+# -- the rules themselves, called directly --------------------------------------------------------
+#: Settings every rule accepts (the paper's and the defaults'): each test changes one or a few.
+GOOD = dict(taps=True, lam=0.5, threshold=0.1, score_init=0.15, lr=0.01, momentum=0.9, weight_decay=0.0,
+            score_lr=None, sparsity_warmup_epochs=3, joint_epochs=1, adapter_rank=8, num_stages=4,
+            similarity_batches=8)
+
+
+def _problems(**settings) -> list[str]:
+    """The problems ``check_training_settings`` lists for ``GOOD`` changed by ``settings``, one per line."""
+    with pytest.raises(SettingsError) as info:
+        check_training_settings(**{**GOOD, **settings})
+    head, *problems = str(info.value).split("\n  - ")
+    assert head == "invalid settings:"
+    return problems
+
+
+def test_good_settings_pass_and_gate_settings_bind_only_modes_with_gates():
+    assert check_training_settings(**GOOD) is None
+    gates = dict(lam=-1.0, threshold=0.0, score_init=float("nan"))
+    assert check_training_settings(**{**GOOD, "taps": False, **gates}) is None  # a baseline has no gates
+    assert len(_problems(**gates)) == 3
+
+
+@pytest.mark.parametrize("settings, flag, rule", [
+    (dict(lr=True), "--model.lr", "a finite number > 0, got True"),  # a bool is no learning rate
+    (dict(momentum=-0.1), "--model.momentum", "in [0, 1), got -0.1"),
+    (dict(joint_epochs=1.5), "--model.joint_epochs", "an integer >= 0, got 1.5"),
+    (dict(adapter_rank=0), "--model.adapter_rank", ">= 1, got 0"),
+    (dict(num_stages=0), "--model.num_stages", ">= 1, got 0"),
+    (dict(similarity_batches=0), "--model.similarity_batches", ">= 1, got 0"),
+    (dict(penalty_divisor=0), "--model.penalty_divisor", "> 0 (or null for L, the number of gated layers), got 0"),
+    (dict(cosine_epochs=2.5), "--model.cosine_epochs", "an integer >= 1 (or null for --trainer.max_epochs), got 2.5"),
+    (dict(recalibrate_batches=-1), "--model.recalibrate_batches",
+     "an integer >= 0 (0: keep the training-time statistics), got -1"),
+    (dict(freeze_gates_epochs=-2), "--model.freeze_gates_epochs", "an integer >= 0, got -2"),
+    (dict(penalty="sum"), "--model.penalty", "one of layers, params, got 'sum'"),
+    (dict(penalty="params", penalty_divisor=52), "--model.penalty_divisor",
+     "drop the divisor, or pass --model.penalty layers"),
+    (dict(budget=1.2), "--model.budget", "in (0, 1] (0.2 = 20 %), got 1.2"),
+    (dict(budget_rate=float("inf")), "--model.budget_rate", "a finite number > 0, got inf"),
+    (dict(budget=0.2, taps=False), "--model.budget",
+     "needs a mode that learns TAPS gates (incremental, joint, memory_efficient)"),
+    (dict(threshold=float("inf")), "--model.threshold", "a finite number > 0"),
+    (dict(score_init=float("nan")), "--model.score_init", "a finite number, got nan"),
+    (dict(score_init=0.05), "--model.score_init 0.05 < --model.threshold 0.1",
+     "Use score_init >= threshold (paper: 0.15 and 0.1), or --model.mode linear"),
+])
+def test_each_bad_setting_is_one_problem_naming_the_flag_and_the_fix(settings, flag, rule):
+    problems = _problems(**settings)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(flag) and rule in problems[0], problems[0]
+
+
+def test_every_problem_is_one_line_in_the_order_of_the_flags():
+    problems = _problems(lr=-1.0, momentum=2.0, num_stages=0, lam=-1.0)
+    assert [p.split(" ")[0] for p in problems] == ["--model.lr", "--model.momentum", "--model.num_stages",
+                                                   "--model.lam"]
+
+
+def test_a_budget_below_norms_and_head_names_the_tasks_and_the_smallest_budget():
+    minimum = {"a": 0.03, "b": 0.0612345}
+    with pytest.raises(SettingsError) as info:
+        check_budget_reachable(0.05, minimum)
+    message = str(info.value)
+    assert message.startswith("--model.budget 0.05 is below what a task stores with no task-specific layer")
+    assert ": b 6.12 %." in message and "a 3.00 %" not in message  # a fits within 5 %
+    # max(minimum) = 0.0612345: printed to 4 places, and rounded up to the next 1e-4 for the flag
+    assert "The smallest budget every task can meet is 0.0612 (6.12 %); use --model.budget 0.0613 or more" in message
+    assert check_budget_reachable(0.0613, minimum) is None
+    assert check_budget_reachable(0.0612345, minimum) is None  # exactly the minimum is met
+
+
+def test_a_sha256_digest_is_kept_in_lower_case_and_anything_else_refused():
+    digest = "0123456789abcdef" * 4
+    assert normalize_sha256(f"  {digest.upper()}\n") == digest and normalize_sha256(None) is None
+    for bad in (digest[:-1], digest + "0", "g" * 64, f"sha256:{digest}"):
+        with pytest.raises(SettingsError, match=r"--model.weights_sha256 .* is not a SHA-256 digest \(64 hexadecimal "
+                                                r"characters\); compute it with `sha256sum FILE`"):
+            normalize_sha256(bad)
+
+
+def test_changed_class_names_are_listed_task_by_task_with_the_labels_they_shift():
+    recorded = {"a": ["cat", "dog", "fox"], "b": ["x", "y"], "c": ["p", "q"], "d": ["u"]}
+    now = {"a": ["cat", "wolf", "fox"], "b": ["x", "y"], "c": ["p", "q", "r"], "d": None}
+    message = class_name_changes(recorded, now, "the checkpoint")
+    lines = message.split("\n")
+    assert lines[0].startswith("the checkpoint was trained with other class names than the data has now")
+    assert lines[1:3] == [
+        "  - task 'a': only when trained: ['dog']; only in the data: ['wolf']; "
+        "labels that now mean another class: [1: 'dog' -> 'wolf']",
+        "  - task 'c': 2 classes when trained, 3 in the data; only when trained: []; only in the data: ['r']"]
+    assert lines[3].startswith("Use the data the tasks were trained on")  # b is unchanged, d has no names now
+    assert class_name_changes(recorded, recorded, "x") is None
+    assert class_name_changes({}, now, "x") is None  # nothing recorded (an older checkpoint): nothing to compare
+
+
+def test_class_names_are_read_from_the_data_module_or_none():
+    class Data:
+        def class_names(self, task):
+            if task == "gone":
+                raise OSError("no such folder")
+            return (3, "dog")
+
+    assert data_class_names(Data(), ["a", "gone"]) == {"a": ["3", "dog"], "gone": None}
+    assert data_class_names(None, ["a"]) == {"a": None}
+    assert data_class_names(object(), ["a"]) == {"a": None}  # a data module without class names

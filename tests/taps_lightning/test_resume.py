@@ -1,0 +1,50 @@
+"""A run resumed from its last checkpoint ends bit for bit where an uninterrupted one does, and a
+checkpoint of another setup is refused (resuming onto a new schedule: test_resume_schedule.py)."""
+import lightning as L
+import pytest
+import torch
+
+from helpers import TINY, TinyTasks
+from helpers import cpu_trainer as _trainer
+from taps_lightning.module import TapsModule
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Interrupt(L.Callback):  # stop after the first epoch, as a killed job would
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    def run(ckpt_path=None, folder="a", interrupt=False):
+        L.seed_everything(0)
+        data = TinyTasks.make(n=32)
+        module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
+        callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)] + ([Interrupt()] if interrupt else [])
+        trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=callbacks)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, t_straight = run(folder="straight")
+    _, t_first = run(folder="split", interrupt=True)
+    assert t_first.current_epoch == 1
+    resumed, t_resumed = run(ckpt_path=str(tmp_path / "split" / "last.ckpt"), folder="split")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert t_straight.callback_metrics["val/acc"] == t_resumed.callback_metrics["val/acc"]
+    # the checkpoint loads with weights_only=True (no pickled code)
+    torch.load(tmp_path / "split" / "last.ckpt", weights_only=True)
+
+
+def test_checkpoint_from_another_setup_is_refused(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = TinyTasks.make()
+    module = TapsModule(tasks=data.num_classes, **TINY)
+    _trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
+             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
+    other = TapsModule(tasks=data.num_classes, **{**TINY, "backbone": "test_efficientnet"})
+    with pytest.raises(ValueError, match="checkpoint was trained with backbone='test_resnet'.*test_efficientnet"):
+        _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
