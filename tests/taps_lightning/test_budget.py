@@ -9,7 +9,8 @@ from torch import nn
 
 from helpers import TinyTasks, assert_rounding_close, tiny_resnet
 from taps_lightning import gate_states
-from taps_lightning.budget import BudgetController, enforce_budget, within_budget
+from taps_lightning.budget import BudgetController, check_budget_reachable, enforce_budget, within_budget
+from taps_lightning.checks import SettingsError
 from taps_lightning.module import TapsModule
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
@@ -428,3 +429,16 @@ def test_resuming_with_another_budget_is_refused(tmp_path):
     with pytest.raises(ValueError, match="budget=0.3 but this run has budget=0.5"):
         L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                   enable_model_summary=False).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_a_budget_below_norms_and_head_names_the_tasks_and_the_smallest_budget():
+    minimum = {"a": 0.03, "b": 0.0612345}
+    with pytest.raises(SettingsError) as info:
+        check_budget_reachable(0.05, minimum)
+    message = str(info.value)
+    assert message.startswith("--model.budget 0.05 is below what a task stores with no task-specific layer")
+    assert ": b 6.12 %." in message and "a 3.00 %" not in message  # a fits within 5 %
+    # max(minimum) = 0.0612345: printed to 4 places, and rounded up to the next 1e-4 for the flag
+    assert "The smallest budget every task can meet is 0.0612 (6.12 %); use --model.budget 0.0613 or more" in message
+    assert check_budget_reachable(0.0613, minimum) is None
+    assert check_budget_reachable(0.0612345, minimum) is None  # exactly the minimum is met

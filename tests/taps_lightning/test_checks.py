@@ -3,7 +3,7 @@ compute, every problem at once, each naming the flag, the value given and what t
 import pytest
 
 from helpers import TINY
-from taps_lightning.checks import (SettingsError, check_budget_reachable, check_training_settings, class_name_changes,
+from taps_lightning.checks import (SettingsError, check_training_settings, class_name_changes,
                                    data_class_names, normalize_sha256)
 from taps_lightning.module import TapsModule
 
@@ -36,7 +36,7 @@ def test_every_problem_is_listed_at_once():
 #: Settings every rule accepts (the paper's and the defaults'): each test changes one or a few.
 GOOD = dict(taps=True, lam=0.5, threshold=0.1, score_init=0.15, lr=0.01, momentum=0.9, weight_decay=0.0,
             score_lr=None, sparsity_warmup_epochs=3, joint_epochs=1, adapter_rank=8, num_stages=4,
-            similarity_batches=8)
+            similarity_batches=8, budget_rate=0.05)
 
 
 def _problems(**settings) -> list[str]:
@@ -89,19 +89,6 @@ def test_every_problem_is_one_line_in_the_order_of_the_flags():
     problems = _problems(lr=-1.0, momentum=2.0, num_stages=0, lam=-1.0)
     assert [p.split(" ")[0] for p in problems] == ["--model.lr", "--model.momentum", "--model.num_stages",
                                                    "--model.lam"]
-
-
-def test_a_budget_below_norms_and_head_names_the_tasks_and_the_smallest_budget():
-    minimum = {"a": 0.03, "b": 0.0612345}
-    with pytest.raises(SettingsError) as info:
-        check_budget_reachable(0.05, minimum)
-    message = str(info.value)
-    assert message.startswith("--model.budget 0.05 is below what a task stores with no task-specific layer")
-    assert ": b 6.12 %." in message and "a 3.00 %" not in message  # a fits within 5 %
-    # max(minimum) = 0.0612345: printed to 4 places, and rounded up to the next 1e-4 for the flag
-    assert "The smallest budget every task can meet is 0.0612 (6.12 %); use --model.budget 0.0613 or more" in message
-    assert check_budget_reachable(0.0613, minimum) is None
-    assert check_budget_reachable(0.0612345, minimum) is None  # exactly the minimum is met
 
 
 def test_a_sha256_digest_is_kept_in_lower_case_and_anything_else_refused():

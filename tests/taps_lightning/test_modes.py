@@ -10,6 +10,7 @@ import timm
 import torch
 
 from helpers import explicit_task_network, randomize_tasks
+from taps_lightning.budget import FixedLambda
 from taps_lightning.modes import MODES, TAPS_MODES, create_mode
 
 #: The settings the modes read (``TapsModule.hparams`` in a run).
@@ -80,7 +81,9 @@ def test_each_mode_builds_its_model_and_trains_its_own_parameters(name):
 def test_the_penalty_applies_from_the_end_of_the_warm_up_in_modes_with_gates(name, hp, active):
     mode = create_mode(name, {**HP, **hp})
     assert [mode.penalty_active(epoch) for epoch in range(5)] == active
-    assert [mode.penalty_weight(epoch) for epoch in range(5)] == [0.7 if on else 0.0 for on in active]
+    fixed = FixedLambda(["a"], HP["lam"])  # what a run without a budget trains with at each epoch
+    assert [fixed.step({"a": 0.5}, mode.penalty_active(e), True)["a"] for e in range(5)] == [
+        0.7 if on else 0.0 for on in active]
 
 
 @pytest.mark.parametrize("total, epochs, per_epoch, joint_epochs, boundary", [

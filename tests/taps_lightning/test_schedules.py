@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cosine_schedule_restarts_for_the_taps_phase():
-    from taps_lightning.module import cosine_restart
+    from taps_lightning.schedules import cosine_restart
 
     assert cosine_restart(0, 0, 100) == 1.0 and cosine_restart(50, 0, 100) == pytest.approx(0.5)
     assert cosine_restart(100, 0, 100) == pytest.approx(0.0)
@@ -62,7 +62,7 @@ def test_memory_efficient_cosine_restarts_at_full_rate_when_the_taps_phase_start
 
 
 def test_authors_recipe_preset_step_equals_their_loop(tmp_path):
-    """configs/authors_recipe.yaml through Lightning (accumulate_grad_batches, averaged gradients,
+    """configs/imagenet_to_sketch/authors_recipe.yaml through Lightning (accumulate_grad_batches, averaged gradients,
     its lr) against the authors' train_sequential.py loop written out: 8 batches' summed gradients,
     ``lam * sum|s| / 52 + CE``, plain-momentum SGD at their lr, one step per 8 batches."""
     import copy
@@ -70,7 +70,7 @@ def test_authors_recipe_preset_step_equals_their_loop(tmp_path):
     import torch.nn.functional as F
     import yaml
 
-    cfg = yaml.safe_load((ROOT / "configs" / "authors_recipe.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / "imagenet_to_sketch" / "authors_recipe.yaml").read_text())
     model_cfg, accumulate = cfg["model"], cfg["trainer"]["accumulate_grad_batches"]
     assert accumulate == 8 and model_cfg["nesterov"] is False
     assert model_cfg["weight_decay"] == 0 and model_cfg["score_lr"] is None
