@@ -30,7 +30,7 @@ from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, Task
 from callbacks.export import adapter_dir
 from datamodules import MultiTaskDataModule
 from taps_lightning.budget import budget_monitor
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 from taps_lightning.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path

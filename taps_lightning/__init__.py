@@ -1,6 +1,6 @@
 """TAPS: Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022) for any timm backbone.
 
-The core is plain PyTorch: use it in any training loop. ``taps_lightning.module`` holds
+The core is plain PyTorch: use it in any training loop. ``taps_lightning.lightning_module`` holds
 the LightningModule and is imported only on demand.
 """
 from .baselines import MultiHeadModel
@@ -10,13 +10,13 @@ from .factory import create_backbone, create_taps_model, load_weights
 from .gate import gate_open, gated_weight
 from .inject import inject_taps, strip_classifier
 from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
-from .model import TapsModel
+from .taps_model import TapsModel
 from .multitask import MultiTaskModel
 from .norms import TaskNorm
 from .progressive import ProgressiveAdapterModel
 from .recalibrate import recalibrate_norms
 from .stats import count_params, gate_states, sparsity_loss, total_params_multiple
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ import torch
 from .checks import SettingsError
 
 if TYPE_CHECKING:
-    from .model import TapsModel
+    from .taps_model import TapsModel
 
 __all__ = ["BudgetController", "BudgetPolicy", "FixedLambda", "LambdaPolicy", "create_lambda_policy",
            "enforce_budget", "within_budget", "check_budget_reachable", "budget_monitor", "BUDGET_MONITOR",

@@ -21,8 +21,8 @@ from torch import nn
 from .config import StartsOffWarning
 from .gate import gate_open
 from .inject import restore_classifier
-from .model import TASK_FORMAT as FORMAT
-from .model import TASK_NAME, TapsModel
+from .taps_model import TASK_FORMAT as FORMAT
+from .taps_model import TASK_NAME, TapsModel
 from .multitask import MultiTaskModel
 from .signature import base_fingerprint, layout_signature
 
@@ -243,7 +243,7 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
 
 def merge(model: MultiTaskModel, task: str) -> nn.Module:
     """A plain copy of the backbone for ``task``: each per-task layer replaced by its
-    :meth:`~taps_lightning.tuners.TaskLayer.merged_layer` (``w_base + I*delta`` folded in, the
+    :meth:`~taps_lightning.task_layer.TaskLayer.merged_layer` (``w_base + I*delta`` folded in, the
     task's norm) and its head as the classifier. No TAPS code remains in its forward;
     ``model`` is not modified."""
     model._check_task(task)

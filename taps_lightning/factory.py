@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import SCORE_INIT, THRESHOLD
-from .model import TapsModel
+from .taps_model import TapsModel
 
 __all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std", "check_weights_file"]
 

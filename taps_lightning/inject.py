@@ -15,7 +15,7 @@ from torch import nn
 from .config import GATED_TYPES, TapsConfig
 from .layers import create_taps_layer
 from .norms import NORM_TYPES, TaskNorm
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __all__ = ["inject_taps", "strip_classifier", "restore_classifier", "Classifier", "set_submodule"]
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import CONV_TYPES, GATED_TYPES, TapsConfig
 from .fused import fusable, gated_layer_forward
 from .gate import closed_score, compose_weight, gate_open, gated_weight
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .baselines import MultiHeadModel
 from .config import TapsConfig
-from .model import TapsModel
+from .taps_model import TapsModel
 from .multitask import MultiTaskModel, task_cost_of
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 

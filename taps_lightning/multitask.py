@@ -13,7 +13,7 @@ from typing import Iterator
 from torch import Tensor, nn
 
 from .norms import TaskNorm, task_batchnorms_of
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name", "task_cost_of"]
 

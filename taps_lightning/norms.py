@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __all__ = ["TaskNorm", "NORM_TYPES", "task_batchnorms_of"]
 

@@ -25,7 +25,7 @@ from .inject import inject_taps, strip_classifier
 from .layers import base_layer_getattr, call_with_weight, check_gatable
 from .multitask import MultiTaskModel, default_backbone_name, task_cost_of
 from .signature import base_fingerprint
-from .tuners import TaskLayer
+from .task_layer import TaskLayer
 
 __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_stages",
            "cosine_similarity_matrix", "group_tasks"]

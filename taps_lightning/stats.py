@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .model import TapsModel
+from .taps_model import TapsModel
 from .multitask import MultiTaskModel
 
 __all__ = ["sparsity_loss", "gate_states", "count_params", "total_params_multiple", "GateFlipCounter"]

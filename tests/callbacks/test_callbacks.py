@@ -14,7 +14,7 @@ from callbacks.params import task_param_metrics
 from callbacks.report import collect_rows
 from callbacks.selection import selection_mask
 from helpers import TinyTasks
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 TINY = dict(backbone="test_resnet", sparsity_warmup_epochs=0)
 

@@ -5,7 +5,7 @@ import pytest
 from helpers import TINY
 from taps_lightning.checks import (SettingsError, check_training_settings, class_name_changes,
                                    data_class_names, normalize_sha256)
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 
 @pytest.mark.parametrize("settings,message", [

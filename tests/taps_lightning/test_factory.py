@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from taps_lightning.factory import create_backbone, load_weights
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 
 def _trained_state() -> dict[str, torch.Tensor]:

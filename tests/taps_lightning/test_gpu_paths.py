@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import taps_lightning as tl
 from taps_lightning.gate import _dot
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 from tests.helpers import TinyTasks, assert_rounding_close, randomize_tasks, single_task_layer, tiny_resnet
 
 TAU = 0.1

@@ -1,4 +1,4 @@
-"""``taps_lightning.layers`` and the task-layer protocol (``tuners.TaskLayer``): every per-task layer
+"""``taps_lightning.layers`` and the task-layer protocol (``task_layer.TaskLayer``): every per-task layer
 declares the attributes holding its per-task state and speaks the same verbs for it (score, delta,
 closing a gate, and the task-file state), so that nothing outside a layer indexes them."""
 import pytest

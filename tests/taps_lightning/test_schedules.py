@@ -9,7 +9,7 @@ import torch
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import TinyTasks
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.module import TapsModule
+from taps_lightning.lightning_module import TapsModule
 
 
 def test_bad_configuration_is_rejected_before_training(tmp_path):
