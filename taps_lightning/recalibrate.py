@@ -64,8 +64,7 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
         for x in batches:
             model(x, task)
             seen += len(x)
-        _average_over_processes(norms, seen, reduce)
-        total = seen if reduce is None else int(reduce(torch.tensor([float(seen)], device=norms[0].running_mean.device)))
+        total = _average_over_processes(norms, seen, reduce)
         if total == 0:  # no images anywhere: keep what was there
             for norm, (_, mean, var, count) in zip(norms, saved):
                 norm.running_mean.copy_(mean)
@@ -83,15 +82,16 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
             model.set_task(previous_task)
 
 
-def _average_over_processes(norms: list[_BatchNorm], images: int, reduce: Callable[[Tensor], Tensor] | None) -> None:
+def _average_over_processes(norms: list[_BatchNorm], images: int, reduce: Callable[[Tensor], Tensor] | None) -> int:
     """Turn each process's per-batch average into the average over every process's batches
-    (weights: batches per process), with one collective for all norms."""
+    (weights: batches per process), with one collective for all norms and the image count;
+    returns the images seen over all processes."""
     if reduce is None:
-        return
+        return images
     counts = [norm.num_batches_tracked.to(norm.running_mean.dtype).reshape(1) for norm in norms]
     flat = torch.cat([torch.cat([norm.running_mean * n, norm.running_var * n, n])
                       for norm, n in zip(norms, counts)]).double()
-    flat = reduce(flat)
+    flat = reduce(torch.cat([flat, flat.new_tensor([float(images)])]))
     offset = 0
     for norm in norms:
         size = norm.running_mean.numel()
@@ -102,3 +102,4 @@ def _average_over_processes(norms: list[_BatchNorm], images: int, reduce: Callab
             norm.running_mean.copy_(mean / n)
             norm.running_var.copy_(var / n)
         norm.num_batches_tracked.fill_(int(n))
+    return int(flat[offset])
