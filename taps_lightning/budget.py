@@ -148,7 +148,7 @@ def enforce_budget(model: "TapsModel", task: str, budget: float) -> list[str]:
     active = [name for name, on in model.gate_states(task).items() if on]
     if not active:  # norms and head alone (a budget at the minimum, up to rounding): nothing to switch off
         return []
-    scores = dict(zip(active, torch.stack([layers[n].score(task).detach().float() for n in active]).tolist()))
+    scores = dict(zip(model.layer_order(), model.task_scores(task).detach().float().tolist()))
     ranked = sorted(active, key=lambda n: (scores[n], n))  # lowest score first
     size = {name: layers[name].base_layer.weight.numel() for name in active}
     dropped = []
