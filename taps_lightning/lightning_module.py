@@ -23,19 +23,17 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .budget import BUDGET_MONITOR, DEFAULT_BUDGET_RATE, create_lambda_policy
-from .checks import SettingsError, check_training_settings, class_name_changes, data_class_names, normalize_sha256
+from .checks import SettingsError, class_name_changes, data_class_names, normalize_sha256
 from .config import SCORE_INIT, THRESHOLD
 from .factory import check_weights_file, create_backbone, input_mean_std
-from .modes import MODES, TAPS_MODES, ModeSettings, mode_class
+from .modes import MODES, TAPS_MODES, mode_class
 from .recalibrate import recalibrate_norms
 from .schedules import ResumableLambdaLR, cosine_restart
+from .settings import (DEFAULT_RECALIBRATE_BATCHES, EvaluationSettings, GateSettings, ModeSettings,
+                       OptimizerSettings, check_settings)
 from .stats import GateFlipCounter
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
-
-#: Batches of training images (at the data's batch size) each task's BatchNorm statistics are
-#: re-estimated on before validation and test (see the README's *Results* for how it was chosen).
-DEFAULT_RECALIBRATE_BATCHES = 16
 
 
 
@@ -142,29 +140,25 @@ class TapsModule(L.LightningModule):
             raise ValueError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
         if penalty is None:
             penalty = "params" if budget is not None else "layers"
-        if scheduler not in ("cosine", "cosine_step", "none"):
-            raise ValueError(f"unknown scheduler {scheduler!r}; choose 'cosine' (per epoch), 'cosine_step' or 'none'")
-        check_training_settings(
-            taps=mode_cls.learns_gates, lam=lam, threshold=threshold, score_init=score_init, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, score_lr=score_lr, sparsity_warmup_epochs=sparsity_warmup_epochs,
-            joint_epochs=joint_epochs, adapter_rank=adapter_rank, num_stages=num_stages,
-            similarity_batches=similarity_batches, penalty_divisor=penalty_divisor, cosine_epochs=cosine_epochs,
-            penalty=penalty, budget=budget, budget_rate=budget_rate, recalibrate_batches=recalibrate_batches,
-            freeze_gates_epochs=freeze_gates_epochs)
         weights_sha256 = normalize_sha256(weights_sha256)
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # as given, with the penalty resolved
+        # the settings in typed groups, each checking its own ranges; every problem refused at once
+        self.optimizer_settings = OptimizerSettings.of(self.hparams)
+        self.gate_settings = GateSettings.of(self.hparams)
+        mode_settings = ModeSettings.of(self.hparams)
+        check_settings(self.optimizer_settings, mode_settings, self.gate_settings, EvaluationSettings.of(self.hparams),
+                       learns_gates=mode_cls.learns_gates)
         if weights is not None:
             check_weights_file(weights, weights_sha256)
         net = create_backbone(backbone, pretrained=pretrained, weights=weights, **(timm_kwargs or {}))
         self.input_mean_std = input_mean_std(net)  # what experiments.fit normalises the data with
         self.tasks = dict(tasks)
-        self.mode = mode_cls(ModeSettings.of(self.hparams))
+        self.mode = mode_cls(mode_settings)
         self.model = self.mode.build(net, self.tasks)
-        #: ``layers`` or ``params``, resolved (``hparams.penalty`` records it resolved too).
-        self.penalty = penalty
         #: each task's ``lambda``, and everything a storage budget decides (:mod:`~taps_lightning.budget`)
+        gates = self.gate_settings
         self.lam_policy = create_lambda_policy(
-            self.tasks, lam, budget, budget_rate,
+            self.tasks, gates.lam, gates.budget, gates.budget_rate,
             minimum=lambda: {t: sum(self.model.norm_and_head_params(t)) / self.model.base_param_count
                              for t in self.tasks})
         self.val_acc = self._metrics()
@@ -245,7 +239,7 @@ class TapsModule(L.LightningModule):
         rank_zero_info(
             f"TAPS | backbone={self.hparams.backbone} mode={self.hparams.mode} tasks={self.tasks} "
             + f"{self.lam_policy.describe()} "
-            + (f"penalty={self.penalty} " if self.is_taps else "")
+            + (f"penalty={self.gate_settings.penalty} " if self.is_taps else "")
             + f"device={self.device.type} x{t.world_size} precision={t.precision} "
             f"epochs={t.max_epochs}"
         )
@@ -264,7 +258,7 @@ class TapsModule(L.LightningModule):
 
     def gates_frozen(self) -> bool:
         """Whether this epoch is one of the last ``freeze_gates_epochs`` (scores not updated)."""
-        k, epochs = self.hparams.freeze_gates_epochs, self.trainer.max_epochs if self._trainer else None
+        k, epochs = self.gate_settings.freeze_gates_epochs, self.trainer.max_epochs if self._trainer else None
         return bool(k) and self.is_taps and epochs is not None and epochs > 0 and self.current_epoch >= epochs - k
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -277,11 +271,11 @@ class TapsModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
         lams = self._step_lams(list(batch), batch_idx)
-        hp = self.hparams
+        gates = self.gate_settings
         losses, sparsities = {}, []
         for task, (x, y) in batch.items():
             loss = F.cross_entropy(self.model(x, task), y)
-            penalty = self.model.regularizer(task, hp.penalty_divisor, self.penalty) if self.is_taps else None
+            penalty = self.model.regularizer(task, gates.penalty_divisor, gates.penalty) if self.is_taps else None
             if penalty is not None:
                 sparsities.append(penalty.detach())
                 loss = loss + lams[task] * penalty
@@ -463,20 +457,20 @@ class TapsModule(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        hp = self.hparams
+        opt = self.optimizer_settings
         params = self.mode.optimizer_parameters(self.model)
         score_ids = {id(p) for p in self.model.score_parameters()}
         scores = [p for _, p in params if id(p) in score_ids]
         others = [p for _, p in params if id(p) not in score_ids]
-        groups = [{"params": others, "weight_decay": hp.weight_decay}]
+        groups = [{"params": others, "weight_decay": opt.weight_decay}]
         if scores:
-            groups.append({"params": scores, "weight_decay": 0.0, "lr": hp.score_lr or hp.lr})
-        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov and hp.momentum > 0)
-        if hp.scheduler == "none":
+            groups.append({"params": scores, "weight_decay": 0.0, "lr": opt.scores_lr})
+        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
+        if opt.scheduler == "none":
             return optimizer
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        per_epoch = hp.scheduler == "cosine"
-        total = (hp.cosine_epochs or epochs) if per_epoch else self.trainer.estimated_stepping_batches
+        per_epoch = opt.scheduler == "cosine"
+        total = (opt.cosine_epochs or epochs) if per_epoch else self.trainer.estimated_stepping_batches
         if not total or not math.isfinite(total):
             raise ValueError(
                 "the cosine schedule needs a finite run of at least one epoch, but --trainer.max_epochs "

@@ -8,8 +8,7 @@ module hands in the epoch and, for DDP, a ``reduce`` function.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -19,41 +18,9 @@ from .config import TapsConfig
 from .taps_model import TapsModel
 from .multitask import MultiTaskModel, task_cost_of
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
+from .settings import ModeSettings
 
 __all__ = ["Mode", "ModeSettings", "MODES", "TAPS_MODES", "create_mode", "mode_class"]
-
-
-@dataclass(frozen=True)
-class ModeSettings:
-    """What a mode reads, typed (``TapsModule``'s arguments of the same names; ranges are checked
-    there once, with every other setting, by :func:`~taps_lightning.checks.check_training_settings`).
-
-    Args:
-        backbone: the backbone's name, recorded in task files.
-        threshold, score_init, recompute_weight: the TAPS layers' :class:`~taps_lightning.config.TapsConfig`.
-        sparsity_warmup_epochs: epochs of gate training before the penalty starts.
-        joint_epochs: memory-efficient mode: length of the joint phase.
-        adapter_rank, num_stages, adapter_schedule: progressive mode: the adapters.
-        similarity_epochs, similarity_batches: progressive mode: the warm-up and the batches
-            whose gradients group the tasks.
-    """
-
-    backbone: str
-    threshold: float
-    score_init: float
-    recompute_weight: bool
-    sparsity_warmup_epochs: int
-    joint_epochs: int
-    adapter_rank: int
-    num_stages: int
-    adapter_schedule: Sequence[int] | None
-    similarity_epochs: int
-    similarity_batches: int
-
-    @classmethod
-    def of(cls, hparams: Mapping[str, Any]) -> "ModeSettings":
-        """The mode's settings picked from a module's hyper-parameters (extra keys ignored)."""
-        return cls(**{f.name: hparams[f.name] for f in fields(cls)})
 
 
 class Mode:

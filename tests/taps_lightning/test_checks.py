@@ -1,10 +1,15 @@
-"""``taps_lightning.checks``: settings that would make a run meaningless are refused before any
-compute, every problem at once, each naming the flag, the value given and what to set instead."""
+"""``taps_lightning.settings`` and ``taps_lightning.checks``: settings and inputs that would make a
+run meaningless are refused before any compute, every problem at once, each naming the flag, the
+value given and what to set instead."""
+import dataclasses
+import inspect
+
 import pytest
 
 from helpers import TINY
-from taps_lightning.checks import (SettingsError, check_training_settings, class_name_changes,
-                                   data_class_names, normalize_sha256)
+from taps_lightning.checks import SettingsError, class_name_changes, data_class_names, normalize_sha256
+from taps_lightning.settings import (EvaluationSettings, GateSettings, ModeSettings, OptimizerSettings,
+                                     check_settings)
 from taps_lightning.lightning_module import TapsModule
 
 
@@ -32,27 +37,51 @@ def test_every_problem_is_listed_at_once():
     assert "--model.lam" in str(info.value) and "--model.lr" in str(info.value)
 
 
-# -- the rules themselves, called directly --------------------------------------------------------
+# -- the rules themselves, called directly on the typed groups ---------------------------------------
+GROUPS = (OptimizerSettings, ModeSettings, GateSettings, EvaluationSettings)
 #: Settings every rule accepts (the paper's and the defaults'): each test changes one or a few.
-GOOD = dict(taps=True, lam=0.5, threshold=0.1, score_init=0.15, lr=0.01, momentum=0.9, weight_decay=0.0,
+GOOD = dict(lam=0.5, threshold=0.1, score_init=0.15, lr=0.01, momentum=0.9, weight_decay=0.0,
             score_lr=None, sparsity_warmup_epochs=3, joint_epochs=1, adapter_rank=8, num_stages=4,
             similarity_batches=8, budget_rate=0.05)
 
 
+def _check(taps: bool = True, **settings) -> None:
+    hparams = {**GOOD, **settings}
+    check_settings(*(group.of(hparams) for group in GROUPS), learns_gates=taps)
+
+
 def _problems(**settings) -> list[str]:
-    """The problems ``check_training_settings`` lists for ``GOOD`` changed by ``settings``, one per line."""
+    """The problems the groups list for ``GOOD`` changed by ``settings``, one per line."""
     with pytest.raises(SettingsError) as info:
-        check_training_settings(**{**GOOD, **settings})
+        _check(**settings)
     head, *problems = str(info.value).split("\n  - ")
     assert head == "invalid settings:"
     return problems
 
 
 def test_good_settings_pass_and_gate_settings_bind_only_modes_with_gates():
-    assert check_training_settings(**GOOD) is None
+    assert _check() is None
     gates = dict(lam=-1.0, threshold=0.0, score_init=float("nan"))
-    assert check_training_settings(**{**GOOD, "taps": False, **gates}) is None  # a baseline has no gates
+    assert _check(taps=False, **gates) is None  # a baseline has no gates
     assert len(_problems(**gates)) == 3
+
+
+def test_every_setting_of_the_module_belongs_to_exactly_one_group_or_is_the_network():
+    """A flag can be followed to the one group that reads and checks it."""
+    owners = {}
+    for group in GROUPS:
+        for f in dataclasses.fields(group):
+            owners.setdefault(f.name, []).append(group.__name__)
+    assert all(len(groups) == 1 for name, groups in owners.items() if name != "backbone"), owners
+    arguments = set(inspect.signature(TapsModule.__init__).parameters) - {"self"}
+    network = {"backbone", "tasks", "mode", "pretrained", "weights", "weights_sha256", "timm_kwargs"}
+    assert arguments - network == set(owners) - {"backbone"}
+
+
+def test_a_group_takes_its_own_fields_from_the_hyper_parameters_and_ignores_the_rest():
+    opt = OptimizerSettings.of({"lr": 0.2, "score_lr": None, "lam": 3.0, "tasks": {"a": 1}})
+    assert (opt.lr, opt.scores_lr, opt.momentum) == (0.2, 0.2, 0.9)  # missing fields keep their defaults
+    assert OptimizerSettings.of({"lr": 0.2, "score_lr": 0.5}).scores_lr == 0.5
 
 
 @pytest.mark.parametrize("settings, flag, rule", [
@@ -63,6 +92,7 @@ def test_good_settings_pass_and_gate_settings_bind_only_modes_with_gates():
     (dict(num_stages=0), "--model.num_stages", ">= 1, got 0"),
     (dict(similarity_batches=0), "--model.similarity_batches", ">= 1, got 0"),
     (dict(penalty_divisor=0), "--model.penalty_divisor", "> 0 (or null for L, the number of gated layers), got 0"),
+    (dict(scheduler="cos"), "--model.scheduler", "one of cosine (per epoch), cosine_step (per optimizer step), none"),
     (dict(cosine_epochs=2.5), "--model.cosine_epochs", "an integer >= 1 (or null for --trainer.max_epochs), got 2.5"),
     (dict(recalibrate_batches=-1), "--model.recalibrate_batches",
      "an integer >= 0 (0: keep the training-time statistics), got -1"),

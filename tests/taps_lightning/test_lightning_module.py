@@ -10,6 +10,7 @@ from torch import nn
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
+from taps_lightning.checks import SettingsError
 from taps_lightning.lightning_module import TapsModule
 
 
@@ -77,17 +78,20 @@ def test_hparams_keep_every_argument_with_the_digest_as_sha256sum_prints_it(tmp_
     assert set(module.hparams) == arguments  # what a checkpoint records, and a resume compares
     assert module.hparams["weights_sha256"] == digest
     assert (module.hparams["lam"], module.hparams["tasks"], module.hparams["mode"]) == (0.3, {"a": 3}, "incremental")
-    assert module.penalty == "layers"  # the paper's penalty without a budget
-    assert TapsModule(tasks={"a": 3}, **TINY, penalty="params").penalty == "params"
+    assert module.hparams["penalty"] == module.gate_settings.penalty == "layers"  # the paper's, without a budget
+    assert TapsModule(tasks={"a": 3}, **TINY, penalty="params").gate_settings.penalty == "params"
+    assert TapsModule(tasks={"a": 3}, **TINY, budget=0.2).hparams["penalty"] == "params"  # a budget's default
 
 
-def test_an_unknown_mode_or_scheduler_is_refused_first_naming_the_choices():
+def test_an_unknown_mode_is_refused_first_and_an_unknown_scheduler_with_the_other_settings():
     with pytest.raises(ValueError, match="^unknown mode 'lora'; choose one of incremental, joint, memory_efficient, "
                                          "finetune, linear, joint_finetune, progressive$"):
         TapsModule(mode="lora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
-    with pytest.raises(ValueError, match=r"^unknown scheduler 'cos'; choose 'cosine' \(per epoch\), 'cosine_step' "
-                                         r"or 'none'$"):
-        TapsModule(tasks={"a": 3}, **TINY, scheduler="cos")
+    with pytest.raises(SettingsError) as info:
+        TapsModule(tasks={"a": 3}, **{**TINY, "scheduler": "cos", "lr": -1.0})
+    assert str(info.value).split("\n  - ")[1:] == [
+        "--model.lr must be a finite number > 0, got -1.0",
+        "--model.scheduler must be one of cosine (per epoch), cosine_step (per optimizer step), none, got 'cos'"]
 
 
 def _plain_counts():
