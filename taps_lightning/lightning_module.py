@@ -244,6 +244,29 @@ class TapsModule(L.LightningModule):
             f"epochs={t.max_epochs}"
         )
 
+    def on_train_start(self) -> None:
+        if self.trainer.ckpt_path is not None:  # resumed: Lightning has just restored the optimizer's state
+            self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """Give the optimizer this run's flags again. Restoring a checkpoint replaces the optimizer's
+        param groups whole (rates, momentum, weight decay), so a resume with another ``--model.lr``
+        would otherwise train on with the checkpoint's. The schedule keeps its position and takes
+        the new base rates; with the same flags nothing changes, bit for bit."""
+        opt = self.optimizer_settings
+        optimizer = self.trainer.optimizers[0]
+        for group, (rate, decay) in zip(optimizer.param_groups, self._group_rates()):
+            group.update(momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0, weight_decay=decay,
+                         lr=rate)
+        configs = self.trainer.lr_scheduler_configs
+        if configs:  # the rates at the schedule's position, from the new base rates
+            configs[0].scheduler.rebase([rate for rate, _ in self._group_rates()][:len(optimizer.param_groups)])
+
+    def _group_rates(self) -> list[tuple[float, float]]:
+        """(learning rate, weight decay) of the optimizer's groups: the trained weights', the scores'."""
+        opt = self.optimizer_settings
+        return [(opt.lr, opt.weight_decay), (opt.scores_lr, 0.0)]
+
     def on_fit_end(self) -> None:
         ckpt = self.trainer.checkpoint_callback  # a budget run whose best checkpoint is still over budget
         message = (self.lam_policy.missed_message(ckpt.best_model_score)
@@ -462,9 +485,10 @@ class TapsModule(L.LightningModule):
         score_ids = {id(p) for p in self.model.score_parameters()}
         scores = [p for _, p in params if id(p) in score_ids]
         others = [p for _, p in params if id(p) not in score_ids]
-        groups = [{"params": others, "weight_decay": opt.weight_decay}]
+        (_, decay), (scores_lr, scores_decay) = self._group_rates()
+        groups = [{"params": others, "weight_decay": decay}]
         if scores:
-            groups.append({"params": scores, "weight_decay": 0.0, "lr": opt.scores_lr})
+            groups.append({"params": scores, "weight_decay": scores_decay, "lr": scores_lr})
         optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
         if opt.scheduler == "none":
             return optimizer
@@ -516,6 +540,6 @@ class TapsModule(L.LightningModule):
         # a budget's lambdas, step sizes and steps carry on (the best checkpoint so far was ranked under it)
         self.lam_policy.load_state_dict(checkpoint.get("taps_budget"))
         changed = {k: (saved[k], v) for k, v in self.hparams.items() if k in saved and saved[k] != v}
-        if changed:  # allowed (e.g. another lam from here on), but never silently
-            rank_zero_warn("resuming with changed --model settings: " + ", ".join(
+        if changed:  # allowed (e.g. another lam or lr from here on), but never silently
+            rank_zero_warn("resuming with changed --model settings, which apply from here on: " + ", ".join(
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))

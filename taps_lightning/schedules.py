@@ -46,15 +46,26 @@ class ResumableLambdaLR(LambdaLR):
         self.schedule, self.unit = schedule, unit
         super().__init__(optimizer, lr_lambda)
 
+    def rebase(self, base_lrs: list[float]) -> None:
+        """Continue from the current position with other base rates (a resume with another
+        ``--model.lr``); the optimizer's rates are set at once."""
+        self.base_lrs = list(base_lrs)
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["initial_lr"] = base_lr
+        self._set_rates()
+
+    def _set_rates(self) -> None:
+        rates = [base_lr * lmbda(self.last_epoch) for lmbda, base_lr in zip(self.lr_lambdas, self.base_lrs)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        self._last_lr = rates
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         built = self.schedule
         super().load_state_dict(state_dict)  # position, base rates and the saved schedule
         saved, self.schedule = self.schedule, built
         # the optimizer's state (restored before this) holds the rate of the saved schedule: set this one's
-        rates = [base_lr * lmbda(self.last_epoch) for lmbda, base_lr in zip(self.lr_lambdas, self.base_lrs)]
-        for group, rate in zip(self.optimizer.param_groups, rates):
-            group["lr"] = rate
-        self._last_lr = rates
+        self._set_rates()
         if saved != built:
             factor = self.lr_lambdas[0](self.last_epoch)
             if factor == 0:

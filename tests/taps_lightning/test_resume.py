@@ -48,3 +48,32 @@ def test_checkpoint_from_another_setup_is_refused(tmp_path):
     other = TapsModule(tasks=data.num_classes, **{**TINY, "backbone": "test_efficientnet"})
     with pytest.raises(ValueError, match="checkpoint was trained with backbone='test_resnet'.*test_efficientnet"):
         _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+@pytest.mark.parametrize("scheduler, factor", [("cosine", 0.5), ("none", 1.0)])
+def test_a_resume_trains_with_the_optimizer_flags_it_was_resumed_with(tmp_path, scheduler, factor):
+    """Lightning restores the optimizer's param groups whole, so without care a resume with another
+    --model.lr (or momentum, weight decay) would train on with the checkpoint's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    seen = {}
+
+    class Groups(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen[trainer.current_epoch] = [(g["lr"], g["momentum"], g["weight_decay"])
+                                           for g in trainer.optimizers[0].param_groups]
+
+    def run(epochs, ckpt_path=None, **flags):
+        data = TinyTasks.make(n=16)
+        module = TapsModule(tasks=data.num_classes, scheduler=scheduler, cosine_epochs=2, **{**TINY, **flags})
+        trainer = _trainer(tmp_path, max_epochs=epochs, enable_checkpointing=True,
+                           callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), Groups()])
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    run(1, lr=0.05, score_lr=0.2, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"changed --model settings, which apply from here on: .*lr 0.05 -> 0.02"):
+        run(2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), lr=0.02, score_lr=0.1, momentum=0.5,
+            weight_decay=1e-3)
+    # the weights' group, then the scores' (no weight decay); a 2-epoch cosine is at 0.5 after one epoch
+    assert seen[1] == [(pytest.approx(0.02 * factor, rel=1e-12), 0.5, 1e-3),
+                       (pytest.approx(0.1 * factor, rel=1e-12), 0.5, 0.0)]
