@@ -146,7 +146,7 @@ class ResultsReport(L.Callback):
         hp = pl_module.hparams
         budget = hp.get("budget")
         setting = f"budget={budget}" if budget is not None else f"lam={hp.lam}"
-        penalty = hp.get("penalty") or "layers"  # recorded resolved
+        penalty = pl_module.gate_settings.penalty if hasattr(pl_module, "gate_settings") else "layers"
         if pl_module.is_taps and penalty != "layers":
             setting += f", penalty={penalty}"
         title = f"{hp.backbone}, mode={hp.mode}, {setting} ({stage} set)"

@@ -134,6 +134,8 @@ class TapsModule(L.LightningModule):
         recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES,
         freeze_gates_epochs: int = 0,
     ) -> None:
+        # the arguments as given (LightningCLI records those as hparams: ``hparams.penalty`` may be null)
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         mode_cls = mode_class(mode)  # before anything else: the flag's allowed values
         if not tasks:
@@ -141,12 +143,13 @@ class TapsModule(L.LightningModule):
         if penalty is None:
             penalty = "params" if budget is not None else "layers"
         weights_sha256 = normalize_sha256(weights_sha256)
-        self.save_hyperparameters()  # as given, with the penalty resolved
+        self.save_hyperparameters()
         # the settings in typed groups, each checking its own ranges; every problem refused at once
-        self.optimizer_settings = OptimizerSettings.of(self.hparams)
-        self.gate_settings = GateSettings.of(self.hparams)
-        mode_settings = ModeSettings.of(self.hparams)
-        check_settings(self.optimizer_settings, mode_settings, self.gate_settings, EvaluationSettings.of(self.hparams),
+        arguments.update(penalty=penalty, weights_sha256=weights_sha256)  # resolved
+        self.optimizer_settings = OptimizerSettings.of(arguments)
+        self.gate_settings = GateSettings.of(arguments)
+        mode_settings = ModeSettings.of(arguments)
+        check_settings(self.optimizer_settings, mode_settings, self.gate_settings, EvaluationSettings.of(arguments),
                        learns_gates=mode_cls.learns_gates)
         if weights is not None:
             check_weights_file(weights, weights_sha256)

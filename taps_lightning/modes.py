@@ -18,6 +18,7 @@ from .config import TapsConfig
 from .taps_model import TapsModel
 from .multitask import MultiTaskModel, task_cost_of
 from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
+from .checks import SettingsError
 from .settings import ModeSettings
 
 __all__ = ["Mode", "ModeSettings", "MODES", "TAPS_MODES", "create_mode", "mode_class"]
@@ -212,7 +213,7 @@ TAPS_MODES = tuple(name for name, mode in MODES.items() if mode.learns_gates)
 def mode_class(name: str) -> type[Mode]:
     """The mode called ``name`` (``--model.mode``), or an error listing the modes."""
     if name not in MODES:
-        raise ValueError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
+        raise SettingsError(f"--model.mode: unknown mode {name!r}; choose one of {', '.join(MODES)}")
     return MODES[name]
 
 

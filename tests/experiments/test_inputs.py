@@ -183,7 +183,11 @@ def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, m
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.threshold", "0"], r"invalid settings:\n  - --model.threshold \(tau\) must be a finite number > 0"),
+    # exactly the one problem (a setting the CLI passes as null, e.g. the penalty, is resolved first)
+    (["--model.threshold", "0"], r"invalid settings:\n  - --model.threshold \(tau\) must be a finite number > 0[^\n]*$"),
+    (["--model.budget", "0.2", "--model.lr", "-1"], r"invalid settings:\n  - --model.lr must be a finite number > 0, "
+                                                     r"got -1.0$"),
+    (["--model.mode", "lora"], r"--model.mode: unknown mode 'lora'; choose one of incremental, joint"),
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}", "--data.init_args.tasks", "[nope]"],
      r"unknown task\(s\) \['nope'\] for ImageFolderTasks \(--data.init_args.tasks\); available: \['shapes'\]"),
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}/missing"], r"missing: data folder not found"),

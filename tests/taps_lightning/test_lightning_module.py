@@ -80,11 +80,11 @@ def test_hparams_keep_every_argument_with_the_digest_as_sha256sum_prints_it(tmp_
     assert (module.hparams["lam"], module.hparams["tasks"], module.hparams["mode"]) == (0.3, {"a": 3}, "incremental")
     assert module.hparams["penalty"] == module.gate_settings.penalty == "layers"  # the paper's, without a budget
     assert TapsModule(tasks={"a": 3}, **TINY, penalty="params").gate_settings.penalty == "params"
-    assert TapsModule(tasks={"a": 3}, **TINY, budget=0.2).hparams["penalty"] == "params"  # a budget's default
+    assert TapsModule(tasks={"a": 3}, **TINY, budget=0.2).gate_settings.penalty == "params"  # a budget's default
 
 
 def test_an_unknown_mode_is_refused_first_and_an_unknown_scheduler_with_the_other_settings():
-    with pytest.raises(ValueError, match="^unknown mode 'lora'; choose one of incremental, joint, memory_efficient, "
+    with pytest.raises(ValueError, match="^--model.mode: unknown mode 'lora'; choose one of incremental, joint, memory_efficient, "
                                          "finetune, linear, joint_finetune, progressive$"):
         TapsModule(mode="lora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
     with pytest.raises(SettingsError) as info:

@@ -32,7 +32,7 @@ def test_the_modes_by_their_flag_names_and_which_learn_gates():
     assert {name: create_mode(name, HP).learns_gates for name in MODES} == {
         "incremental": True, "joint": True, "memory_efficient": True,
         "finetune": False, "linear": False, "joint_finetune": False, "progressive": False}
-    with pytest.raises(ValueError, match="^unknown mode 'Joint'; choose one of incremental, joint, memory_efficient, "
+    with pytest.raises(ValueError, match="^--model.mode: unknown mode 'Joint'; choose one of incremental, joint, memory_efficient, "
                                          "finetune, linear, joint_finetune, progressive$"):
         create_mode("Joint", HP)
 
