@@ -127,13 +127,24 @@ def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict
     rows = run_variant(flags, common, QUICK if quick else [], seed)
     record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows,
               "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.machine(), "protocol": PROTOCOL, "commit": _commit()}
+              "machine": platform.machine(), "cpu": cpu_model(), "protocol": PROTOCOL, "commit": _commit()}
     path = run_file(runs, label, seed, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
     return rows
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), so a kept run says what it was made on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _commit() -> str | None:
@@ -339,7 +350,11 @@ def main(argv: list[str] | None = None) -> Path:
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
     threads = sorted({r.get("threads") for r in records})
     commits = sorted({str(r.get("commit")) for r in records})
-    machine = (f"{records[0].get('machine', platform.machine())}, {'/'.join(map(str, threads))} thread(s) per run, "
+    cpus = sorted({r["cpu"] for r in records if r.get("cpu")})
+    machine = (f"{records[0].get('machine', platform.machine())}"
+               + (f" ({' / '.join(cpus)}{', and CPUs not recorded' if any(not r.get('cpu') for r in records) else ''})"
+                  if cpus else "")
+               + f", {'/'.join(map(str, threads))} thread(s) per run, "
                f"torch {records[0].get('torch', torch.__version__)}, CPU, commit {'/'.join(commits)}")
     seconds = sum(r.get("seconds", 0.0) for r in records)
     points = pareto_points(results)

@@ -68,6 +68,9 @@ def test_reproduce_keeps_each_run_and_redraws_without_training(tmp_path, monkeyp
                     "taps-incremental-params-penalty-lambda-0.5-seed0-quick.json"]
     first = out.read_text()
     assert all(f"| {row} |" in first for row in rows) and "thread(s) per run" in first
+    # each run says what CPU made it, and the table names it
+    record = json.loads((tmp_path / "docs" / "runs" / kept[0]).read_text())
+    assert record["cpu"] == reproduce.cpu_model() and f"({record['cpu']})" in first
     assert "![accuracy vs stored fraction](pareto.png)" in first
     assert (tmp_path / "docs" / "pareto.png").stat().st_size > 1000
     monkeypatch.setattr(reproduce, "run_variant", lambda *a, **k: pytest.fail("a kept run was trained again"))
