@@ -11,7 +11,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskParamLogger, decathlon_score
 from callbacks.params import task_param_metrics
-from callbacks.report import collect_rows
 from callbacks.selection import selection_mask
 from helpers import TinyTasks
 from taps_lightning.lightning_module import TapsModule

@@ -87,7 +87,7 @@ def test_sigterm_exits_143_says_how_to_resume_and_the_resume_equals_an_uninterru
     out = cut.communicate(timeout=600)[0]
     assert cut.returncode == 143, out[-3000:]
     last = tmp_path / "logs" / "cut" / "version_0" / "checkpoints" / "last.ckpt"
-    assert f"TAPS | stopped by SIGTERM during fit (epoch 1, global step 3); exit status 143" in out
+    assert "TAPS | stopped by SIGTERM during fit (epoch 1, global step 3); exit status 143" in out
     assert f"TAPS | saved: {last}, the state at the end of epoch 0 (global step 2)" in out
     command = re.search(r"^TAPS \| resume: (.*)$", out, re.M).group(1)
     assert command.startswith(f"cd {tmp_path} && {sys.executable} -m experiments.fit ") and command.endswith(
