@@ -40,12 +40,13 @@ class MultiHeadModel(MultiTaskModel):
         self.layer_count = sum(isinstance(m, GATED_TYPES) for m in backbone.modules())
         self.copy_per_task = copy_per_task
         self.train_backbone = train_backbone
+        for task, num_classes in tasks.items():  # before any copy is named after a task
+            self._check_new_task(task, num_classes)
         if copy_per_task:
             self.backbones = nn.ModuleDict({t: copy.deepcopy(backbone) for t in tasks})
         else:
             self.backbone = backbone
         for task, num_classes in tasks.items():
-            self._check_new_task(task, num_classes)
             self.heads[task] = nn.Linear(self.num_features, int(num_classes))
         for net in self._backbones():
             net.requires_grad_(train_backbone)

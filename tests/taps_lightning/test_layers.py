@@ -1,14 +1,12 @@
-"""``taps_lightning.layers`` and the task-layer protocol (``task_layer.TaskLayer``): every per-task layer
-declares the attributes holding its per-task state and speaks the same verbs for it (score, delta,
-closing a gate, and the task-file state), so that nothing outside a layer indexes them."""
+"""``taps_lightning.layers``: a TAPS layer's own verbs (score, delta, closing a gate) act on one task,
+and its task-file state (the score always, the delta while the gate is open) round-trips. The verbs
+every per-task layer shares: test_task_layer.py."""
 import pytest
 import torch
 from torch import nn
 
 import taps_lightning as tl
 from taps_lightning.gate import gate_open
-from taps_lightning.norms import TaskNorm
-from taps_lightning.progressive import LoRALayer
 
 
 def _taps_layer(threshold: float = 0.1) -> tl.TapsLayer:
@@ -20,31 +18,6 @@ def _taps_layer(threshold: float = 0.1) -> tl.TapsLayer:
         layer.taps_delta["a"].copy_(torch.randn_like(layer.taps_delta["a"]))
         layer.taps_delta["b"].copy_(torch.randn_like(layer.taps_delta["b"]))
     return layer
-
-
-def _per_task_state_names(layer: nn.Module) -> set[str]:
-    """Attributes of ``layer`` itself that are dicts keyed by its tasks (found, not declared)."""
-    tasks = set(layer.tasks)
-    found = set()
-    for name, child in layer.named_children():
-        if isinstance(child, (nn.ParameterDict, nn.ModuleDict)) and tasks and tasks <= set(child.keys()):
-            found.add(name)
-    return found
-
-
-def test_each_layer_declares_exactly_the_attributes_that_hold_per_task_state():
-    lora = LoRALayer(nn.Linear(5, 6), rank=2)
-    lora.add_adapter("0")
-    lora.add_task("a")
-    lora.add_task("b")
-    norm = TaskNorm(nn.BatchNorm2d(4))
-    norm.add_task("a")
-    norm.add_task("b")
-    assert set(_taps_layer().adapter_layer_names) == _per_task_state_names(_taps_layer()) == {"taps_delta", "taps_score"}
-    assert set(norm.adapter_layer_names) == _per_task_state_names(norm) == {"norms"}
-    # LoRA keys its tensors by adapter, several tasks may share one: declared, found by adapter key
-    assert set(lora.adapter_layer_names) == {"lora_A", "lora_B"}
-    assert all(set(getattr(lora, n).keys()) == {"0"} for n in lora.adapter_layer_names)
 
 
 def test_score_delta_and_close_gate_act_on_that_task_alone():
@@ -81,33 +54,3 @@ def test_task_state_round_trips_and_a_closed_layer_stores_no_delta():
     fresh.load_task_state("a", {"score": torch.tensor([0.05])})  # no delta given: the delta is kept
     assert float(fresh.taps_score["a"]) == pytest.approx(0.05)
     assert torch.equal(fresh.taps_delta["a"], layer.taps_delta["a"])
-
-
-def test_norm_and_lora_state_round_trip_through_the_same_verbs():
-    torch.manual_seed(0)
-    norm = TaskNorm(nn.BatchNorm2d(4))
-    norm.add_task("a")
-    with torch.no_grad():
-        norm.task_norm("a").weight.uniform_()
-        norm.task_norm("a").running_var.uniform_(1, 2)
-    state = norm.task_state("a")
-    assert set(state) == set(norm.state_shapes()) == {f"norm.{k}" for k in nn.BatchNorm2d(4).state_dict()}
-    other = TaskNorm(nn.BatchNorm2d(4))
-    other.add_task("a")
-    other.load_task_state("a", state)
-    for k, v in norm.task_norm("a").state_dict().items():
-        assert torch.equal(other.task_norm("a").state_dict()[k], v)
-
-    lora = LoRALayer(nn.Linear(5, 6), rank=2)
-    for key in ("0", "1"):
-        lora.add_adapter(key)
-    lora.add_task("a", "1")
-    with torch.no_grad():
-        lora.lora_B["1"].normal_()
-    assert lora.state_shapes() == {"lora_A": torch.Size([2, 5]), "lora_B": torch.Size([6, 2])}
-    state = lora.task_state("a")
-    assert torch.equal(state["lora_B"], lora.lora_B["1"])  # the adapter on a's route, not adapter 0
-    lora.route("a", "0")
-    assert lora.adapter_for("a") == "0" and torch.equal(lora.task_state("a")["lora_B"], torch.zeros(6, 2))
-    lora.copy_adapter("1", "0")
-    assert torch.equal(lora.lora_B["0"], lora.lora_B["1"]) and lora.adapter_size("0") == 2 * 5 + 6 * 2
