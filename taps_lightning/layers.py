@@ -140,6 +140,7 @@ class TapsLayer(TaskLayer, nn.Module):
         return {"score": self.taps_score[task].detach().reshape(1), **self.task_tensors(task)}
 
     def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        self._check_state(state)
         with torch.no_grad():
             self.taps_score[task].copy_(state["score"].reshape(()))
             if "delta" in state:

@@ -68,6 +68,7 @@ class TaskNorm(TaskLayer, nn.Module):
         return self.task_tensors(task)
 
     def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        self._check_state(state)
         self.norms[task].load_state_dict({k[len("norm."):]: v for k, v in state.items()})
 
     def forward(self, x: Tensor) -> Tensor:

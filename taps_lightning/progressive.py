@@ -115,6 +115,7 @@ class LoRALayer(TaskLayer, nn.Module):
         return {"lora_A": a.detach(), "lora_B": b.detach()}
 
     def load_task_state(self, task: str, state: dict[str, Tensor]) -> None:
+        self._check_state(state)
         a, b = self.adapter_parameters(self.adapter_of[task])
         with torch.no_grad():
             a.copy_(state["lora_A"])

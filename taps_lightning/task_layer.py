@@ -75,3 +75,13 @@ class TaskLayer:
         """Copy ``state`` (as :meth:`task_state` returns it; optional entries may be absent)
         into ``task``'s tensors."""
         raise NotImplementedError
+
+    def _check_state(self, state: dict[str, Tensor]) -> None:
+        """Refuse entries this layer does not hold or of another shape, by name (``copy_`` would
+        broadcast a wrong shape silently)."""
+        shapes = self.state_shapes()
+        wrong = [f"{k}: not an entry of this layer (it holds {sorted(shapes)})" if k not in shapes else
+                 f"{k}: shape {tuple(v.shape)}, expected {tuple(shapes[k])}"
+                 for k, v in state.items() if k not in shapes or v.shape != shapes[k]]
+        if wrong:
+            raise ValueError(f"{type(self).__name__}.load_task_state: {'; '.join(wrong)}")

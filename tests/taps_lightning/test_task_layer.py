@@ -259,3 +259,17 @@ def test_load_task_state_writes_that_tasks_state_alone(kind):
     for task, before in kept.items():
         assert all(torch.equal(v, before[k]) for k, v in target.task_state(task).items()), task
     assert all(torch.equal(v, shared[k]) for k, v in _shared(target).state_dict().items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_task_state_refuses_a_wrong_shape_or_entry_by_name_and_writes_nothing(kind):
+    layer = _layer(kind)
+    before = {k: v.clone() for k, v in layer.task_state("a").items()}
+    name, shape = next((k, s) for k, s in layer.state_shapes().items() if len(s) >= 1 and s.numel() > 1)
+    # a shape ``copy_`` would broadcast (one element) and an entry the layer does not hold
+    expected = ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
+    for bad, message in (({name: torch.zeros(1)}, rf"{name}: shape \(1,\), expected \({expected}\)"),
+                         ({"bogus": torch.zeros(1)}, r"bogus: not an entry of this layer")):
+        with pytest.raises(ValueError, match=rf"^{type(layer).__name__}\.load_task_state: {message}"):
+            layer.load_task_state("a", {**layer.task_state("a"), **bad})
+        assert all(torch.equal(v, before[k]) for k, v in layer.task_state("a").items())
