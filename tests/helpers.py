@@ -67,6 +67,19 @@ def single_task_layer(module, threshold: float = 0.1) -> tl.TapsLayer:
     return layer
 
 
+def two_task_taps_layer(threshold: float = 0.1) -> tl.TapsLayer:
+    """A TAPS Conv2d(3, 4, 3) with tasks ``a`` and ``b``, each with its own random delta (seeded),
+    every gate open (score 0.15)."""
+    torch.manual_seed(0)
+    layer = tl.create_taps_layer(nn.Conv2d(3, 4, 3), tl.TapsConfig(threshold=threshold, score_init=0.15))
+    for task in ("a", "b"):
+        layer.add_task(task)
+    with torch.no_grad():
+        layer.taps_delta["a"].copy_(torch.randn_like(layer.taps_delta["a"]))
+        layer.taps_delta["b"].copy_(torch.randn_like(layer.taps_delta["b"]))
+    return layer
+
+
 def seeded_timm_model(name: str, kwargs: dict, **extra) -> nn.Module:
     """timm's ``name`` with random weights drawn after ``torch.manual_seed(0)`` (nothing downloaded)."""
     torch.manual_seed(0)

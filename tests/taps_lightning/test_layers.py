@@ -6,22 +6,12 @@ import torch
 from torch import nn
 
 import taps_lightning as tl
+from helpers import two_task_taps_layer
 from taps_lightning.gate import gate_open
 
 
-def _taps_layer(threshold: float = 0.1) -> tl.TapsLayer:
-    torch.manual_seed(0)
-    layer = tl.create_taps_layer(nn.Conv2d(3, 4, 3), tl.TapsConfig(threshold=threshold, score_init=0.15))
-    for task in ("a", "b"):
-        layer.add_task(task)
-    with torch.no_grad():
-        layer.taps_delta["a"].copy_(torch.randn_like(layer.taps_delta["a"]))
-        layer.taps_delta["b"].copy_(torch.randn_like(layer.taps_delta["b"]))
-    return layer
-
-
 def test_score_delta_and_close_gate_act_on_that_task_alone():
-    layer = _taps_layer(threshold=0.1)
+    layer = two_task_taps_layer(threshold=0.1)
     assert layer.score("a") is layer.taps_score["a"] and layer.delta("b") is layer.taps_delta["b"]
     assert layer.is_active("a") and layer.is_active("b")
     x = torch.randn(2, 3, 8, 8)
@@ -37,7 +27,7 @@ def test_score_delta_and_close_gate_act_on_that_task_alone():
 
 
 def test_task_state_round_trips_and_a_closed_layer_stores_no_delta():
-    layer = _taps_layer()
+    layer = two_task_taps_layer()
     shapes = layer.state_shapes()
     assert shapes == {"score": torch.Size([1]), "delta": torch.Size([4, 3, 3, 3])}
     state = layer.task_state("a")

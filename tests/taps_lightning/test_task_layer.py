@@ -9,22 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import taps_lightning as tl
-from helpers import assert_rounding_close
+from helpers import assert_rounding_close, two_task_taps_layer
 from taps_lightning.norms import TaskNorm
 from taps_lightning.progressive import LoRALayer
 
 KINDS = ("taps", "norm", "lora")
-
-
-def _taps_layer(threshold: float = 0.1) -> tl.TapsLayer:
-    torch.manual_seed(0)
-    layer = tl.create_taps_layer(nn.Conv2d(3, 4, 3), tl.TapsConfig(threshold=threshold, score_init=0.15))
-    for task in ("a", "b"):
-        layer.add_task(task)
-    with torch.no_grad():
-        layer.taps_delta["a"].copy_(torch.randn_like(layer.taps_delta["a"]))
-        layer.taps_delta["b"].copy_(torch.randn_like(layer.taps_delta["b"]))
-    return layer
 
 
 def _per_task_state_names(layer: nn.Module) -> set[str]:
@@ -87,7 +76,8 @@ def test_each_layer_declares_exactly_the_attributes_that_hold_per_task_state():
     norm = TaskNorm(nn.BatchNorm2d(4))
     norm.add_task("a")
     norm.add_task("b")
-    assert set(_taps_layer().adapter_layer_names) == _per_task_state_names(_taps_layer()) == {"taps_delta", "taps_score"}
+    layer = two_task_taps_layer()
+    assert set(layer.adapter_layer_names) == _per_task_state_names(layer) == {"taps_delta", "taps_score"}
     assert set(norm.adapter_layer_names) == _per_task_state_names(norm) == {"norms"}
     # LoRA keys its tensors by adapter, several tasks may share one: declared, found by adapter key
     assert set(lora.adapter_layer_names) == {"lora_A", "lora_B"}
