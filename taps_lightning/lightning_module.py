@@ -259,8 +259,7 @@ class TapsModule(L.LightningModule):
         opt = self.optimizer_settings
         optimizer = self.trainer.optimizers[0]
         for group, (rate, decay) in zip(optimizer.param_groups, self._group_rates()):
-            group.update(momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0, weight_decay=decay,
-                         lr=rate)
+            group.update(momentum=opt.momentum, nesterov=opt.sgd_nesterov, weight_decay=decay, lr=rate)
         configs = self.trainer.lr_scheduler_configs
         if configs:  # the rates at the schedule's position, from the new base rates
             configs[0].scheduler.rebase([rate for rate, _ in self._group_rates()][:len(optimizer.param_groups)])
@@ -492,7 +491,7 @@ class TapsModule(L.LightningModule):
         groups = [{"params": others, "weight_decay": decay}]
         if scores:
             groups.append({"params": scores, "weight_decay": scores_decay, "lr": scores_lr})
-        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov and opt.momentum > 0)
+        optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.sgd_nesterov)
         if opt.scheduler == "none":
             return optimizer
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None

@@ -81,6 +81,12 @@ class OptimizerSettings(Settings):
         """The learning rate the scores train at."""
         return self.score_lr or self.lr
 
+    @property
+    def sgd_nesterov(self) -> bool:
+        """``nesterov`` as SGD takes it: torch refuses Nesterov without momentum, so ``momentum 0``
+        turns it off."""
+        return self.nesterov and self.momentum > 0
+
     def problems(self, learns_gates: bool) -> list[str]:
         found = []
         if not (_finite(self.lr) and self.lr > 0):

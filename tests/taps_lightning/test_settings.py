@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 
 import pytest
+import torch
 
 from helpers import TINY
 from taps_lightning.checks import SettingsError
@@ -142,6 +143,16 @@ def test_the_scores_train_at_the_learning_rate_unless_they_have_their_own():
     assert OptimizerSettings(lr=0.3, score_lr=None).scores_lr == 0.3
     assert OptimizerSettings(lr=0.3, score_lr=0.7).scores_lr == 0.7
     assert OptimizerSettings(lr=0.3, score_lr=1e-6).scores_lr == 1e-6  # a small rate is a rate, not "unset"
+
+
+def test_nesterov_reaches_sgd_only_with_momentum_which_torch_requires():
+    assert OptimizerSettings(nesterov=True, momentum=0.9).sgd_nesterov is True
+    assert OptimizerSettings(nesterov=False, momentum=0.9).sgd_nesterov is False
+    off = OptimizerSettings(nesterov=True, momentum=0.0)
+    assert off.sgd_nesterov is False
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.0, nesterov=True)
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=off.momentum, nesterov=off.sgd_nesterov)
 
 
 # -- the edges of the ranges ----------------------------------------------------------------------------
