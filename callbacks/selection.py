@@ -13,7 +13,7 @@ __all__ = ["selection_mask", "draw_heatmap", "selection_images", "log_images", "
 
 def selection_mask(model: MultiTaskModel) -> tuple[list[str], np.ndarray, np.ndarray, float]:
     """``(layer names in forward order, mask [T, L], scores [T, L], threshold)`` from one call to
-    :meth:`~taps_lightning.multitask.MultiTaskModel.layer_selection`; the mask is decided by the one
+    :meth:`~taps_lightning.models.multitask.MultiTaskModel.layer_selection`; the mask is decided by the one
     gate rule the forward uses."""
     layers, scores, threshold = model.layer_selection()
     return layers, gate_open(scores, threshold).float().numpy(), scores.float().numpy(), threshold

@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, default_collate
 
+from taps_lightning.errors import TapsError
+
 __all__ = ["DataLayoutError", "UnknownTaskError", "CorruptImageError", "ImageListDataset", "collate_skipping_none",
            "IMAGE_EXTENSIONS", "HIGH_BIT_DEPTH_MODES", "decode_rgb", "load_rgb"]
 
@@ -20,7 +22,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class DataLayoutError(FileNotFoundError):
+class DataLayoutError(TapsError, FileNotFoundError):
     """The data on disk does not have the benchmark's layout; the message names the path and the fix."""
 
 
@@ -28,7 +30,7 @@ class UnknownTaskError(DataLayoutError, ValueError):
     """A task name the benchmark (or the data folder) does not have."""
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(TapsError, OSError):
     """An image file that cannot be decoded."""
 
 

@@ -245,7 +245,7 @@ def training_costs(repeats: int, warmup: int, budget: float = 0.3, batches: int 
     import warnings
 
     from datamodules import EmbeddedDigits
-    from taps_lightning.lightning_module import DEFAULT_RECALIBRATE_BATCHES, TapsModule
+    from taps_lightning.training.lightning_module import DEFAULT_RECALIBRATE_BATCHES, TapsModule
 
     batches = batches or DEFAULT_RECALIBRATE_BATCHES
     warnings.filterwarnings("ignore", message=".*self.log.*")  # the module logs without a Trainer here

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks import LayerSelectionLogger, TaskExport, TaskParamLogger, TaskSimilarityLogger
 from callbacks.selection import log_images, save_images, selection_images
 from datamodules import MultiTaskDataModule
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 from .inputs import run_cli
 from .trained import TrainedCLI

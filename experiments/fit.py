@@ -29,9 +29,9 @@ from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, Task
                        TaskSimilarityLogger)
 from callbacks.export import adapter_dir
 from datamodules import MultiTaskDataModule
-from taps_lightning.budget import budget_monitor
-from taps_lightning.lightning_module import TapsModule
-from taps_lightning.modes import MODES
+from taps_lightning.training.budget import budget_monitor
+from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
 from .inputs import check_against_data, check_config_order, check_data_flags, run_cli, task_classes

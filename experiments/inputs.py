@@ -15,8 +15,8 @@ from typing import Callable
 
 from datamodules import CorruptImageError, DataLayoutError
 from taps_lightning import TaskFileError
-from taps_lightning.checks import SettingsError, class_name_changes, data_class_names
-from taps_lightning.multitask import TASK_NAME
+from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
+from taps_lightning.models.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from datamodules import CorruptImageError, MultiTaskDataModule
 from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 from .inputs import run_cli
 from .runs import check_writable

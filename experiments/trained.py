@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
-from taps_lightning.lightning_module import TAPS_MODES, TapsModule
+from taps_lightning.training.lightning_module import TAPS_MODES, TapsModule
 
 from .fit import TapsCLI
 from .runs import read_checkpoint

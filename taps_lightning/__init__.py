@@ -1,22 +1,22 @@
 """TAPS: Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022) for any timm backbone.
 
-The core is plain PyTorch: use it in any training loop. ``taps_lightning.lightning_module`` holds
+The core is plain PyTorch: use it in any training loop. ``taps_lightning.training.lightning_module`` holds
 the LightningModule and is imported only on demand.
 """
-from .baselines import MultiHeadModel
-from .config import TapsConfig
-from .export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task, task_metadata
-from .factory import create_backbone, create_taps_model, load_weights
-from .gate import gate_open, gated_weight
-from .inject import inject_taps, strip_classifier
-from .layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
-from .taps_model import TapsModel
-from .multitask import MultiTaskModel
-from .norms import TaskNorm
-from .progressive import ProgressiveAdapterModel
-from .recalibrate import recalibrate_norms
-from .stats import count_params, gate_states, sparsity_loss, total_params_multiple
-from .task_layer import TaskLayer
+from .models.baselines import MultiHeadModel
+from .core.config import TapsConfig
+from .files.export import TaskFileError, base_fingerprint, layout_signature, load_task, merge, save_task, task_metadata
+from .models.factory import create_backbone, create_taps_model, load_weights
+from .core.gate import gate_open, gated_weight
+from .core.inject import inject_taps, strip_classifier
+from .core.layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
+from .models.taps_model import TapsModel
+from .models.multitask import MultiTaskModel
+from .core.norms import TaskNorm
+from .models.progressive import ProgressiveAdapterModel
+from .training.recalibrate import recalibrate_norms
+from .models.stats import count_params, gate_states, sparsity_loss, total_params_multiple
+from .core.task_layer import TaskLayer
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ import sys
 import lightning as L
 
 from helpers import TinyTasks
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 class CountSamples(L.Callback):

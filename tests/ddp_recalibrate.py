@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from helpers import TinyTasks
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 def main(root_dir: str) -> None:

@@ -13,7 +13,7 @@ from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskP
 from callbacks.params import task_param_metrics
 from callbacks.selection import selection_mask
 from helpers import TinyTasks
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 TINY = dict(backbone="test_resnet", sparsity_warmup_epochs=0)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules import ImageFolderTasks
 from experiments import evaluate, predict
 from experiments.fit import main as fit_main
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 CLASSES = ("circle", "square", "triangle")
 

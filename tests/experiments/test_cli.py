@@ -5,7 +5,7 @@ import torch
 
 from helpers import QUICK
 from helpers import run_fit_cli as _run_cli
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from callbacks.export import adapter_dir
 from experiments import evaluate, predict
 from experiments.fit import main as fit_main
 from helpers import tiny_resnet
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a tiny model on a little of the embedded data, at its stored 32 px

@@ -158,7 +158,7 @@ def test_a_task_name_too_long_for_its_adapter_file_is_refused_before_training(tm
 def test_library_warns_when_no_layer_can_ever_switch_on(tmp_path):
     import timm
 
-    with pytest.warns(tl.config.StartsOffWarning,
+    with pytest.warns(tl.core.config.StartsOffWarning,
                       match=r"score_init 0.15 < threshold 0.5: every layer of task 'a' starts off"):
         tl.TapsModel(timm.create_model("test_resnet"), {"a": 3}, threshold=0.5, score_init=0.15)
     with warnings.catch_warnings():
@@ -167,7 +167,7 @@ def test_library_warns_when_no_layer_can_ever_switch_on(tmp_path):
         source = tl.create_taps_model("test_resnet", {"b": 2}, threshold=0.5, score_init=0.6)
         # a task loaded from a file brings its own scores: no warning
         tl.load_task(carrier, tl.save_task(source, "b", tmp_path / "b.safetensors"), strict_base=False)
-    with pytest.warns(tl.config.StartsOffWarning, match="task 'c'"):
+    with pytest.warns(tl.core.config.StartsOffWarning, match="task 'c'"):
         carrier.add_task("c", 4)
 
 

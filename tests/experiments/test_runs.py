@@ -77,7 +77,7 @@ def test_concurrent_claims_get_distinct_folders(tmp_path):
 def _cli(args):
     from datamodules import MultiTaskDataModule
     from experiments.fit import TapsCLI
-    from taps_lightning.lightning_module import TapsModule
+    from taps_lightning.training.lightning_module import TapsModule
 
     return TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                    seed_everything_default=0, save_config_kwargs={"overwrite": False})

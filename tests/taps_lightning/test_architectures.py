@@ -9,8 +9,8 @@ from torch import nn
 import taps_lightning as tl
 from helpers import randomize_tasks
 from helpers import seeded_timm_model as _create
-from taps_lightning.layers import GATED_TYPES, TapsLayer
-from taps_lightning.norms import TaskNorm
+from taps_lightning.core.layers import GATED_TYPES, TapsLayer
+from taps_lightning.core.norms import TaskNorm
 
 slow = pytest.mark.slow
 

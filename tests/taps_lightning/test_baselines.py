@@ -1,4 +1,4 @@
-"""``taps_lightning.baselines``: the paper's reference points as ``MultiHeadModel`` flavours. Fine-tuning
+"""``taps_lightning.models.baselines``: the paper's reference points as ``MultiHeadModel`` flavours. Fine-tuning
 holds one independent backbone copy per task, the feature extractor trains the heads alone on a
 frozen backbone kept in eval mode, joint fine-tuning trains one backbone shared by every task; what
 each task costs is counted by hand on timm's random ``test_resnet`` (nothing downloaded)."""

@@ -9,9 +9,9 @@ from torch import nn
 
 from helpers import TinyTasks, assert_rounding_close, tiny_resnet
 from taps_lightning import gate_states
-from taps_lightning.budget import BudgetController, check_budget_reachable, enforce_budget, within_budget
-from taps_lightning.checks import SettingsError
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.budget import BudgetController, check_budget_reachable, enforce_budget, within_budget
+from taps_lightning.training.checks import SettingsError
+from taps_lightning.training.lightning_module import TapsModule
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 

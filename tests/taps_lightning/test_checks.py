@@ -1,10 +1,10 @@
-"""``taps_lightning.checks``: inputs that would make a run meaningless (a weights digest that is not
+"""``taps_lightning.training.checks``: inputs that would make a run meaningless (a weights digest that is not
 one, data whose class names changed since the tasks were trained) are refused before any compute,
 each message naming the flag or file and the fix. (The settings groups' own ranges are tested in
 ``test_settings.py``.)"""
 import pytest
 
-from taps_lightning.checks import SettingsError, class_name_changes, data_class_names, normalize_sha256
+from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names, normalize_sha256
 
 
 def test_a_sha256_digest_is_kept_in_lower_case_and_anything_else_refused():

@@ -1,4 +1,4 @@
-"""``taps_lightning.config``: the ``TapsConfig`` every gated layer reads refuses what no gate can
+"""``taps_lightning.core.config``: the ``TapsConfig`` every gated layer reads refuses what no gate can
 compare against, and warns when a new task could never switch a layer on."""
 import warnings
 
@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 import taps_lightning as tl
-from taps_lightning.config import SCORE_INIT, THRESHOLD, StartsOffWarning, TapsConfig
+from taps_lightning.core.config import SCORE_INIT, THRESHOLD, StartsOffWarning, TapsConfig
 
 
 def test_the_defaults_are_the_papers_tau_and_the_authors_initial_score():

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 import taps_lightning as tl
 from helpers import randomize_tasks, tiny_resnet
-from taps_lightning.layers import TapsLayer
-from taps_lightning.norms import TaskNorm
+from taps_lightning.core.layers import TapsLayer
+from taps_lightning.core.norms import TaskNorm
 
 # Each task switches off other layers, so that exporting one task with another's gates fails.
 OFF = {"a": ("layer1.0.conv2", "layer2.1.conv1", "layer4.0.conv2"),

@@ -6,8 +6,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from taps_lightning.factory import create_backbone, load_weights
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.models.factory import create_backbone, load_weights
+from taps_lightning.training.lightning_module import TapsModule
 
 
 def _trained_state() -> dict[str, torch.Tensor]:

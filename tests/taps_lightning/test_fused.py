@@ -1,4 +1,4 @@
-"""The recomputing gated layers (``taps_lightning.fused``) against explicit arithmetic, and
+"""The recomputing gated layers (``taps_lightning.core.fused``) against explicit arithmetic, and
 what they keep for backward."""
 import pytest
 import torch

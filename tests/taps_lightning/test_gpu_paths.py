@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import taps_lightning as tl
-from taps_lightning.gate import _dot
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.core.gate import _dot
+from taps_lightning.training.lightning_module import TapsModule
 from tests.helpers import TinyTasks, assert_rounding_close, randomize_tasks, single_task_layer, tiny_resnet
 
 TAU = 0.1

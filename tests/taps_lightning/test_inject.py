@@ -1,4 +1,4 @@
-"""``taps_lightning.inject``: every Conv/Linear of a backbone wrapped and every norm made per task
+"""``taps_lightning.core.inject``: every Conv/Linear of a backbone wrapped and every norm made per task
 in place, excluded modules left plain, a freshly injected model computing what the original did,
 and the classifier found, removed and put back."""
 import copy
@@ -10,14 +10,14 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import seeded_timm_model as _create
-from taps_lightning.inject import Classifier, restore_classifier
+from taps_lightning.core.inject import Classifier, restore_classifier
 
 
 @pytest.mark.parametrize("name,kwargs,expected", [
-    ("mobilenetv3_small_050", {}, tl.inject.Classifier("classifier", 1024, False)),
-    ("resnetv2_18", {}, tl.inject.Classifier("head.fc", 512, True)),
-    ("levit_128s", {"img_size": 64}, tl.inject.Classifier(("head", "head_dist"), 384, False)),
-    ("deit_tiny_distilled_patch16_224", {"img_size": 32}, tl.inject.Classifier(("head", "head_dist"), 192, False)),
+    ("mobilenetv3_small_050", {}, tl.core.inject.Classifier("classifier", 1024, False)),
+    ("resnetv2_18", {}, tl.core.inject.Classifier("head.fc", 512, True)),
+    ("levit_128s", {"img_size": 64}, tl.core.inject.Classifier(("head", "head_dist"), 384, False)),
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32}, tl.core.inject.Classifier(("head", "head_dist"), 192, False)),
 ])
 def test_classifier_found_with_and_without_timm_head(name, kwargs, expected):
     """``create_backbone`` builds timm models with ``num_classes=0``: nothing left to look at, yet

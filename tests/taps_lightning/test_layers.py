@@ -1,4 +1,4 @@
-"""``taps_lightning.layers``: a TAPS layer's own verbs (score, delta, closing a gate) act on one task,
+"""``taps_lightning.core.layers``: a TAPS layer's own verbs (score, delta, closing a gate) act on one task,
 and its task-file state (the score always, the delta while the gate is open) round-trips. The verbs
 every per-task layer shares: test_task_layer.py."""
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import two_task_taps_layer
-from taps_lightning.gate import gate_open
+from taps_lightning.core.gate import gate_open
 
 
 def test_score_delta_and_close_gate_act_on_that_task_alone():

@@ -10,8 +10,8 @@ from torch import nn
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.checks import SettingsError
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.checks import SettingsError
+from taps_lightning.training.lightning_module import TapsModule
 
 
 def test_bad_configuration_is_rejected_before_training(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from helpers import TINY, TinyTasks, assert_rounding_close, explicit_task_network, randomize_tasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):

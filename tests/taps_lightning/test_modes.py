@@ -1,4 +1,4 @@
-"""``taps_lightning.modes`` without Lightning: the modes by their flag names, which learn gates and
+"""``taps_lightning.training.modes`` without Lightning: the modes by their flag names, which learn gates and
 what each builds and trains, when the sparsity penalty applies, memory-efficient's two phases and
 where its cosine restarts, and when progressive mode collects task gradients. (What each mode
 trains in a real fit: test_modes_train.py.)"""
@@ -10,8 +10,8 @@ import timm
 import torch
 
 from helpers import explicit_task_network, randomize_tasks
-from taps_lightning.budget import FixedLambda
-from taps_lightning.modes import MODES, TAPS_MODES, create_mode
+from taps_lightning.training.budget import FixedLambda
+from taps_lightning.training.modes import MODES, TAPS_MODES, create_mode
 
 #: The settings the modes read (``TapsModule.hparams`` in a run).
 HP = dict(backbone="test_resnet", threshold=0.1, score_init=0.15, recompute_weight=True, lam=0.7,

@@ -14,7 +14,7 @@ from torch import nn
 from helpers import TINY, TinyTasks, assert_rounding_close, randomize_tasks
 from helpers import cpu_trainer as _trainer
 from taps_lightning import gate_states
-from taps_lightning.lightning_module import MODES, TapsModule
+from taps_lightning.training.lightning_module import MODES, TapsModule
 
 
 def base_changed_keys(changed):

@@ -1,4 +1,4 @@
-"""``taps_lightning.multitask``: the interface every multi-task model shares. ``task_cost_of`` adds up
+"""``taps_lightning.models.multitask``: the interface every multi-task model shares. ``task_cost_of`` adds up
 what a task stores, ``default_backbone_name`` is what task files record, and ``MultiTaskModel``'s
 defaults (switching tasks in every per-task layer, routing the forward to the task's head, refusing
 unknown and duplicate tasks by name, the norms and head a task owns, the paper's "Params" multiple)
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import taps_lightning as tl
-from taps_lightning.multitask import MultiTaskModel, default_backbone_name, task_cost_of
-from taps_lightning.norms import TaskNorm
+from taps_lightning.models.multitask import MultiTaskModel, default_backbone_name, task_cost_of
+from taps_lightning.core.norms import TaskNorm
 
 
 class _Toy(MultiTaskModel):

@@ -1,4 +1,4 @@
-"""``taps_lightning.norms``: a TaskNorm keeps one trained copy of a norm per task beside the frozen
+"""``taps_lightning.core.norms``: a TaskNorm keeps one trained copy of a norm per task beside the frozen
 pre-trained template, runs the active task's copy (the template with no task), and training one
 task's copy changes nothing of another's; ``task_batchnorms_of`` lists the BatchNorms that keep
 running statistics."""
@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from taps_lightning.norms import TaskNorm, task_batchnorms_of
+from taps_lightning.core.norms import TaskNorm, task_batchnorms_of
 
 
 def _batchnorm() -> nn.BatchNorm2d:

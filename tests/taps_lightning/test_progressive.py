@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import taps_lightning as tl
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 from tests.helpers import assert_rounding_close
-from taps_lightning.progressive import (ProgressiveAdapterModel, assign_stages, cosine_similarity_matrix,
+from taps_lightning.models.progressive import (ProgressiveAdapterModel, assign_stages, cosine_similarity_matrix,
                                         default_schedule, group_tasks)
 
 

@@ -160,7 +160,7 @@ def test_progressive_adapters_recalibrate_their_task_norms():
 import lightning as L  # noqa: E402
 
 from helpers import TinyTasks, randomize_tasks  # noqa: E402
-from taps_lightning.lightning_module import TapsModule  # noqa: E402
+from taps_lightning.training.lightning_module import TapsModule  # noqa: E402
 
 
 def _fit(max_epochs=2, callbacks=(), data=None, trainer_kw=None, prepare=None, **kw):

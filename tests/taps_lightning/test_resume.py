@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

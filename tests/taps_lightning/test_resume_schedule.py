@@ -6,8 +6,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import TinyTasks
-from taps_lightning.lightning_module import TapsModule
-from taps_lightning.schedules import cosine_restart
+from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.schedules import cosine_restart
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 

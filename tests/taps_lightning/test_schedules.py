@@ -9,13 +9,13 @@ import torch
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cosine_schedule_restarts_for_the_taps_phase():
-    from taps_lightning.schedules import cosine_restart
+    from taps_lightning.training.schedules import cosine_restart
 
     assert cosine_restart(0, 0, 100) == 1.0 and cosine_restart(50, 0, 100) == pytest.approx(0.5)
     assert cosine_restart(100, 0, 100) == pytest.approx(0.0)

@@ -1,4 +1,4 @@
-"""``taps_lightning.settings``: each typed group of ``TapsModule`` settings checks its own ranges, and
+"""``taps_lightning.training.settings``: each typed group of ``TapsModule`` settings checks its own ranges, and
 settings that would make a run meaningless are refused before any compute, every problem at once,
 each naming the flag, the value given and what to set instead."""
 import dataclasses
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import TINY
-from taps_lightning.checks import SettingsError
-from taps_lightning.settings import (EvaluationSettings, GateSettings, ModeSettings, OptimizerSettings,
+from taps_lightning.training.checks import SettingsError
+from taps_lightning.training.settings import (EvaluationSettings, GateSettings, ModeSettings, OptimizerSettings,
                                      check_settings)
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -1,4 +1,4 @@
-"""``taps_lightning.signature``: what ties a task file to a model. The layout signature covers the
+"""``taps_lightning.core.signature``: what ties a task file to a model. The layout signature covers the
 names and shapes of the gated layers and task norms (not their values); the base fingerprint covers
 the values of the shared weights (not what a task owns)."""
 import copy
@@ -9,7 +9,7 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import randomize_tasks
-from taps_lightning.signature import base_fingerprint, layout_signature
+from taps_lightning.core.signature import base_fingerprint, layout_signature
 
 
 def _tiny(seed: int = 0, conv="conv", kernel: int = 3, norm="bn", norm_affine: bool = True, tasks=None,

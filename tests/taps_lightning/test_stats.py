@@ -1,4 +1,4 @@
-"""``taps_lightning.stats``: what a task costs (its sparsity penalty, which layers it adapts, how many
+"""``taps_lightning.models.stats``: what a task costs (its sparsity penalty, which layers it adapts, how many
 weights it stores) and how often its gates flip, checked against arithmetic done by hand on a
 model small enough to count."""
 import math
@@ -10,7 +10,7 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import assert_rounding_close
-from taps_lightning.stats import GateFlipCounter, count_params, gate_states, sparsity_loss, total_params_multiple
+from taps_lightning.models.stats import GateFlipCounter, count_params, gate_states, sparsity_loss, total_params_multiple
 
 TAU = 0.1
 

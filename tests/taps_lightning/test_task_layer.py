@@ -1,4 +1,4 @@
-"""``taps_lightning.task_layer``: the verbs every per-task layer speaks, on each concrete kind (the TAPS
+"""``taps_lightning.core.task_layer``: the verbs every per-task layer speaks, on each concrete kind (the TAPS
 layer, the task norm, the LoRA layer). ``set_task`` picks the state a forward runs (``None``: the
 shared layer alone), ``remove_task`` drops exactly the task's own state, ``task_parameters`` are what
 a task trains, ``merged_layer`` computes what the layer computes for the task, and the task-file verbs
@@ -10,8 +10,8 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import assert_rounding_close, two_task_taps_layer
-from taps_lightning.norms import TaskNorm
-from taps_lightning.progressive import LoRALayer
+from taps_lightning.core.norms import TaskNorm
+from taps_lightning.models.progressive import LoRALayer
 
 KINDS = ("taps", "norm", "lora")
 

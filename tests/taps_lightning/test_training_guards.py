@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import TinyTasks
-from taps_lightning.lightning_module import TapsModule
+from taps_lightning.training.lightning_module import TapsModule
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 
@@ -27,7 +27,7 @@ def test_baselines_ignore_gate_settings(mode):
     cross-entropy alone, and the same costs as with the defaults."""
     import torch.nn.functional as F
 
-    from taps_lightning.layers import TapsLayer
+    from taps_lightning.core.layers import TapsLayer
 
     gates = dict(threshold=0.2, score_init=0.15, lam=3.0)
     with pytest.raises(ValueError, match=r"--model.score_init 0.15 < --model.threshold 0.2"):

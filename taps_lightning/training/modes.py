@@ -13,11 +13,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .baselines import MultiHeadModel
-from .config import TapsConfig
-from .taps_model import TapsModel
-from .multitask import MultiTaskModel, task_cost_of
-from .progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
+from ..models.baselines import MultiHeadModel
+from ..core.config import TapsConfig
+from ..models.taps_model import TapsModel
+from ..models.multitask import MultiTaskModel, task_cost_of
+from ..models.progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 from .checks import SettingsError
 from .settings import ModeSettings
 

@@ -57,7 +57,7 @@ class TapsLayer(TaskLayer, nn.Module):
 
     Args:
         base_layer: the layer to adapt (its ``weight`` is the shared base weight).
-        config: the model's :class:`~taps_lightning.config.TapsConfig` (threshold, initial
+        config: the model's :class:`~taps_lightning.core.config.TapsConfig` (threshold, initial
             score, ``recompute_weight``), shared by every layer of the model.
     """
 

@@ -1,7 +1,7 @@
 """What a task costs: its sparsity penalty, which layers it adapts and how many weights it adds.
 
 Functional forms of :class:`~taps_lightning.TapsModel`'s methods (and, for the counts, of any
-:class:`~taps_lightning.multitask.MultiTaskModel`), for use in custom training loops.
+:class:`~taps_lightning.models.multitask.MultiTaskModel`), for use in custom training loops.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def sparsity_loss(model: TapsModel, task: str, divisor: float | None = None) -> 
 
 def gate_states(model: TapsModel, task: str) -> "OrderedDict[str, bool]":
     """``{layer_name: is task-specific}`` in forward order, decided as the forward decides
-    (:func:`~taps_lightning.gate.gate_open`, one device sync for all layers)."""
+    (:func:`~taps_lightning.core.gate.gate_open`, one device sync for all layers)."""
     return model.gate_states(task)
 
 

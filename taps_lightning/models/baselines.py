@@ -11,10 +11,10 @@ from typing import Mapping
 
 from torch import Tensor, nn
 
-from .config import GATED_TYPES
-from .inject import strip_classifier
+from ..core.config import GATED_TYPES
+from ..core.inject import strip_classifier
 from .multitask import MultiTaskModel, default_backbone_name, task_cost_of
-from .norms import task_batchnorms_of
+from ..core.norms import task_batchnorms_of
 
 __all__ = ["MultiHeadModel"]
 

@@ -2,9 +2,9 @@
 
 The one Lightning file of the package. It owns the loss (cross-entropy + ``lam`` x the
 model's regulariser), the per-task torchmetrics, the optimizer and the schedule. Everything
-that differs between modes (which :class:`~taps_lightning.multitask.MultiTaskModel` to build,
+that differs between modes (which :class:`~taps_lightning.models.multitask.MultiTaskModel` to build,
 phases, the progressive grouping) is asked of the mode's strategy object
-(:mod:`taps_lightning.modes`).
+(:mod:`taps_lightning.training.modes`).
 
 Training batches are ``{task: (images, labels)}`` (one sub-batch per task, as Lightning's
 ``CombinedLoader`` yields them); validation and test use one dataloader per task.
@@ -24,14 +24,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .budget import BUDGET_MONITOR, DEFAULT_BUDGET_RATE, create_lambda_policy
 from .checks import SettingsError, class_name_changes, data_class_names, normalize_sha256
-from .config import SCORE_INIT, THRESHOLD
-from .factory import check_weights_file, create_backbone, input_mean_std
+from ..core.config import SCORE_INIT, THRESHOLD
+from ..models.factory import check_weights_file, create_backbone, input_mean_std
 from .modes import MODES, TAPS_MODES, mode_class
 from .recalibrate import recalibrate_norms
 from .schedules import ResumableLambdaLR, cosine_restart
 from .settings import (DEFAULT_RECALIBRATE_BATCHES, EvaluationSettings, GateSettings, ModeSettings,
                        OptimizerSettings, check_settings)
-from .stats import GateFlipCounter
+from ..models.stats import GateFlipCounter
 
 __all__ = ["TapsModule", "MODES", "TAPS_MODES", "DEFAULT_RECALIBRATE_BATCHES"]
 
@@ -57,10 +57,10 @@ class TapsModule(L.LightningModule):
             is exactly that sum), ``layers`` without.
         budget: storage budget ``F`` in (0, 1]: the fraction of the backbone's parameters each
             task may store. ``lambda`` then becomes per task and is adjusted every step by dual
-            ascent (:class:`~taps_lightning.budget.BudgetController`, from 0 when the warm-up
+            ascent (:class:`~taps_lightning.training.budget.BudgetController`, from 0 when the warm-up
             ends; ``lam`` is not used) so that each task ends at most at ``F``; at each epoch's
             end an over-budget task's lowest-score layers are switched off
-            (:func:`~taps_lightning.budget.enforce_budget`), and checkpoints are ranked by
+            (:func:`~taps_lightning.training.budget.enforce_budget`), and checkpoints are ranked by
             ``val/budget_acc``, which puts every epoch over budget below every epoch within it.
         budget_rate: dual-ascent step: ``lambda`` added per step per unit of fraction over budget.
         threshold: ``tau``.
@@ -158,7 +158,7 @@ class TapsModule(L.LightningModule):
         self.tasks = dict(tasks)
         self.mode = mode_cls(mode_settings)
         self.model = self.mode.build(net, self.tasks)
-        #: each task's ``lambda``, and everything a storage budget decides (:mod:`~taps_lightning.budget`)
+        #: each task's ``lambda``, and everything a storage budget decides (:mod:`~taps_lightning.training.budget`)
         gates = self.gate_settings
         self.lam_policy = create_lambda_policy(
             self.tasks, gates.lam, gates.budget, gates.budget_rate,

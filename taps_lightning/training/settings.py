@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 from .budget import DEFAULT_BUDGET_RATE
 from .checks import SettingsError
-from .config import SCORE_INIT, THRESHOLD
+from ..core.config import SCORE_INIT, THRESHOLD
 
 __all__ = ["Settings", "OptimizerSettings", "GateSettings", "ModeSettings", "EvaluationSettings",
            "PENALTIES", "SCHEDULERS", "DEFAULT_RECALIBRATE_BATCHES", "check_settings"]
@@ -112,7 +112,7 @@ class ModeSettings(Settings):
 
     Args:
         backbone: the backbone's name, recorded in task files.
-        threshold, score_init, recompute_weight: the TAPS layers' :class:`~taps_lightning.config.TapsConfig`.
+        threshold, score_init, recompute_weight: the TAPS layers' :class:`~taps_lightning.core.config.TapsConfig`.
         sparsity_warmup_epochs: epochs of gate training before the penalty starts.
         joint_epochs: memory-efficient mode: length of the joint phase.
         adapter_rank, num_stages, adapter_schedule: progressive mode: the adapters.
@@ -222,7 +222,7 @@ class EvaluationSettings(Settings):
 
 
 def check_settings(*groups: Settings, learns_gates: bool) -> None:
-    """Raise :class:`~taps_lightning.checks.SettingsError` listing every group's problems, one per line."""
+    """Raise :class:`~taps_lightning.training.checks.SettingsError` listing every group's problems, one per line."""
     problems = [p for group in groups for p in group.problems(learns_gates)]
     if problems:
         raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))

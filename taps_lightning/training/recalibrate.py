@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .multitask import MultiTaskModel
+from ..models.multitask import MultiTaskModel
 
 __all__ = ["recalibrate_norms"]
 

@@ -18,19 +18,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import StartsOffWarning
-from .gate import gate_open
-from .inject import restore_classifier
-from .taps_model import TASK_FORMAT as FORMAT
-from .taps_model import TASK_NAME, TapsModel
-from .multitask import MultiTaskModel
-from .signature import base_fingerprint, layout_signature
+from ..core.config import StartsOffWarning
+from ..core.gate import gate_open
+from ..core.inject import restore_classifier
+from ..models.taps_model import TASK_FORMAT as FORMAT
+from ..models.taps_model import TASK_NAME, TapsModel
+from ..models.multitask import MultiTaskModel
+from ..core.signature import base_fingerprint, layout_signature
+from ..errors import TaskFileError
 
 __all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
-
-
-class TaskFileError(ValueError):
-    """A task file that cannot be loaded into this model; the message says why and what to do."""
 
 
 def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -> dict[str, str]:
@@ -243,7 +240,7 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
 
 def merge(model: MultiTaskModel, task: str) -> nn.Module:
     """A plain copy of the backbone for ``task``: each per-task layer replaced by its
-    :meth:`~taps_lightning.task_layer.TaskLayer.merged_layer` (``w_base + I*delta`` folded in, the
+    :meth:`~taps_lightning.core.task_layer.TaskLayer.merged_layer` (``w_base + I*delta`` folded in, the
     task's norm) and its head as the classifier. No TAPS code remains in its forward;
     ``model`` is not modified."""
     model._check_task(task)

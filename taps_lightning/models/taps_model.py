@@ -8,12 +8,12 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import SCORE_INIT, THRESHOLD, TapsConfig
-from .gate import gate_open
-from .inject import inject_taps, strip_classifier
-from .layers import TapsLayer, create_taps_layer
+from ..core.config import SCORE_INIT, THRESHOLD, TapsConfig
+from ..core.gate import gate_open
+from ..core.inject import inject_taps, strip_classifier
+from ..core.layers import TapsLayer, create_taps_layer
 from .multitask import TASK_NAME, MultiTaskModel, default_backbone_name, task_cost_of
-from .signature import base_fingerprint, layout_signature
+from ..core.signature import base_fingerprint, layout_signature
 
 __all__ = ["TapsModel", "TASK_NAME"]
 
@@ -29,7 +29,7 @@ class TapsModel(MultiTaskModel):
 
     Args:
         backbone: a timm or torchvision classifier (its classifier is removed, see
-            :func:`~taps_lightning.inject.strip_classifier`) or any module returning pooled
+            :func:`~taps_lightning.core.inject.strip_classifier`) or any module returning pooled
             features (then give ``num_features``).
         tasks: ``{task_name: num_classes}`` to create now; more with :meth:`add_task`.
         threshold: ``tau``; a layer is task-specific for a task when its score is ``>= tau``.
@@ -42,7 +42,7 @@ class TapsModel(MultiTaskModel):
         backbone_name: name stored in exported adapters (default: timm architecture or class name).
         recompute_weight: rebuild each gated weight in backward instead of saving it (less
             training memory, one add more per active layer); ``False`` keeps it saved.
-        config: a :class:`~taps_lightning.config.TapsConfig` instead of ``threshold``,
+        config: a :class:`~taps_lightning.core.config.TapsConfig` instead of ``threshold``,
             ``score_init`` and ``recompute_weight`` (one object every layer reads).
     """
 

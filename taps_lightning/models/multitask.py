@@ -12,8 +12,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from .norms import TaskNorm, task_batchnorms_of
-from .task_layer import TaskLayer
+from ..core.norms import TaskNorm, task_batchnorms_of
+from ..core.task_layer import TaskLayer
 
 __all__ = ["MultiTaskModel", "TASK_NAME", "default_backbone_name", "task_cost_of"]
 
@@ -174,5 +174,5 @@ class MultiTaskModel(nn.Module):
 
     # -- export --------------------------------------------------------------------------
     def task_file_metadata(self, task: str) -> dict[str, str]:
-        """The metadata of ``task``'s file (the tensors' layout is :mod:`~taps_lightning.export`'s)."""
+        """The metadata of ``task``'s file (the tensors' layout is :mod:`~taps_lightning.files.export`'s)."""
         raise NotImplementedError(f"{type(self).__name__} has no task files; it stores tasks in its checkpoint")

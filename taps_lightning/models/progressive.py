@@ -2,7 +2,7 @@
 
 Low-rank adapters (LoRA, ``B @ A`` with ``B = 0`` at the start, so training begins from the
 pre-trained function) sit on the layers TAPS gates, injected by the same
-:func:`~taps_lightning.inject.inject_taps`. The gated layers are split into stages; in the
+:func:`~taps_lightning.core.inject.inject_taps`. The gated layers are split into stages; in the
 first stage every task shares one adapter, in the last each has its own, and in between the
 number of adapters grows by a schedule (default ``1 -> 2 -> 4 -> ... -> n_tasks``). Which tasks
 share is decided from data: after a warm-up in which all adapters are shared, each task's
@@ -21,11 +21,11 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .inject import inject_taps, strip_classifier
-from .layers import base_layer_getattr, call_with_weight, check_gatable
+from ..core.inject import inject_taps, strip_classifier
+from ..core.layers import base_layer_getattr, call_with_weight, check_gatable
 from .multitask import MultiTaskModel, default_backbone_name, task_cost_of
-from .signature import base_fingerprint
-from .task_layer import TaskLayer
+from ..core.signature import base_fingerprint
+from ..core.task_layer import TaskLayer
 
 __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_stages",
            "cosine_similarity_matrix", "group_tasks"]

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from .config import SCORE_INIT, THRESHOLD
+from ..core.config import SCORE_INIT, THRESHOLD
 from .taps_model import TapsModel
 
 __all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std", "check_weights_file"]

@@ -1,18 +1,15 @@
 """Refuse inputs that would make a run meaningless before any compute is spent on it: a weights
 digest that is not one, data whose class names changed since the tasks were trained. Each
 message names the flag or file and the fix. (The ranges of the training settings are checked by
-their own groups, :mod:`taps_lightning.settings`.)
+their own groups, :mod:`taps_lightning.training.settings`.)
 """
 from __future__ import annotations
 
 import re
 
+from ..errors import SettingsError
+
 __all__ = ["SettingsError", "normalize_sha256", "data_class_names", "class_name_changes"]
-
-class SettingsError(ValueError):
-    """A setting or input refused before it could waste a run; the message names the flag or file and
-    the fix (the command-line tools print it without a traceback)."""
-
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -22,7 +22,7 @@ import torch
 from .checks import SettingsError
 
 if TYPE_CHECKING:
-    from .taps_model import TapsModel
+    from ..models.taps_model import TapsModel
 
 __all__ = ["BudgetController", "BudgetPolicy", "FixedLambda", "LambdaPolicy", "create_lambda_policy",
            "enforce_budget", "within_budget", "check_budget_reachable", "budget_monitor", "BUDGET_MONITOR",
@@ -132,7 +132,7 @@ def enforce_budget(model: "TapsModel", task: str, budget: float) -> list[str]:
     Layers go in order of increasing score (those the task holds on to least), then those
     switched off are switched back on, highest score first, wherever they still fit, so that a
     large layer dropped early does not leave the task far below budget. A layer is switched
-    off by its :meth:`~taps_lightning.layers.TapsLayer.close_gate`: it stays trainable and can
+    off by its :meth:`~taps_lightning.core.layers.TapsLayer.close_gate`: it stays trainable and can
     come back if its gradient says so. Returns the names switched off (empty when already within
     budget).
     """

@@ -1,0 +1,1 @@
+"""Task files: the one owner of their format (write, check, read, merge)."""
