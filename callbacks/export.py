@@ -7,6 +7,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from taps_lightning import save_task
+from taps_lightning.training.lightning_module import TapsModule
+
+from .recalibration import NormRecalibration
 
 __all__ = ["TaskExport", "adapter_dir"]
 
@@ -22,20 +25,21 @@ class TaskExport(L.Callback):
     """After fit (final weights) and again after test (the tested, usually best, weights),
     save every task as ``adapters/<task>.safetensors``, with the DataModule's class names when
     it knows them, and with norm statistics re-estimated for those weights
-    (``TapsModule.recalibrate_norms``, done already when they were just evaluated). Rank zero
+    (:class:`NormRecalibration`, done already when they were just evaluated). Rank zero
     writes; others wait."""
 
     def __init__(self) -> None:
         self.paths: dict[str, Path] = {}
 
-    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> None:
-        model = getattr(pl_module, "model", None)
-        if model is None or not model.can_export:
+    def _export(self, trainer: L.Trainer, pl_module: TapsModule, when: str) -> None:
+        model = pl_module.model
+        if not model.can_export:
             return
         folder = adapter_dir(trainer)  # may ask trainer.log_dir, a collective: every rank
-        if hasattr(pl_module, "recalibrate_norms"):  # norm statistics for these weights (a no-op if done)
-            pl_module.recalibrate_norms()
-        within = pl_module.within_budget() if hasattr(pl_module, "within_budget") else None
+        recalibration = NormRecalibration.of(trainer)
+        if recalibration is not None:  # norm statistics for these weights (a no-op if done)
+            recalibration.recalibrate(trainer, pl_module)
+        within = pl_module.lam_policy.within(pl_module.task_fractions())
         if within is not None and not all(within.values()) and when == "final weights":
             # a budget run exports only weights that meet the budget: the tested (best) ones follow
             rank_zero_info(f"TAPS | adapters not written for the final weights: over the budget for "
@@ -43,7 +47,7 @@ class TaskExport(L.Callback):
                            "written after test (with --test false: save_task from best-*.ckpt, README: Export and merge)")
             return
         if trainer.is_global_zero:
-            names = getattr(trainer.datamodule, "class_names", None)  # stored so predictions can be named
+            names = getattr(trainer.datamodule, "class_names", None)  # a DataModule's, stored so predictions can be named
             for task in model.tasks:
                 self.paths[task] = save_task(model, task, folder / f"{task}.safetensors",
                                              class_names=names(task) if names else None)

@@ -11,6 +11,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from taps_lightning import save_task
+from taps_lightning.training.lightning_module import TapsModule
+
+from .recalibration import NormRecalibration
 
 __all__ = ["ResultsReport", "collect_rows", "format_markdown"]
 
@@ -18,7 +21,7 @@ COLUMNS = ("task", "accuracy", "active_layers", "gated_layers", "task_params", "
            "norm_images")
 
 
-def _stored_mb(module: L.LightningModule, task: str) -> float:
+def _stored_mb(module: TapsModule, task: str) -> float:
     """Size of what the task needs on disk besides the shared base."""
     model = module.model
     if model.can_export:
@@ -28,8 +31,10 @@ def _stored_mb(module: L.LightningModule, task: str) -> float:
     return module.task_cost(task)["task_params"] * 4 / 2**20  # fp32 weights of a baseline
 
 
-def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[dict]:
-    """One row per task from the logged ``<stage>/<task>/acc`` and the module's costs, plus a total."""
+def collect_rows(module: TapsModule, metrics: dict, stage: str, norm_images: dict[str, int] | None = None) -> list[dict]:
+    """One row per task from the logged ``<stage>/<task>/acc`` and the module's costs, plus a total
+    (``norm_images``: ``{task: images}`` its BatchNorm statistics were re-estimated on)."""
+    norm_images = norm_images or {}
     rows = []
     for task in module.tasks:
         cost = module.task_cost(task)
@@ -44,7 +49,7 @@ def collect_rows(module: L.LightningModule, metrics: dict, stage: str) -> list[d
             "stored_mb": _stored_mb(module, task),
             "lam": module.task_lam(task),  # the final lambda (per task with a budget); None without gates
             # training images its BatchNorm statistics were re-estimated on (0: training-time averages)
-            "norm_images": getattr(module, "recalibrated_images", {}).get(task, 0),
+            "norm_images": norm_images.get(task, 0),
         })
     base = rows and module.task_cost(rows[0]["task"])["base_params"]
     total_params = sum(r["task_params"] for r in rows)
@@ -114,14 +119,14 @@ def budget_line(rows: list[dict], budget: float, within: dict[str, bool]) -> str
 
 def grouping_markdown(pl_module) -> str:
     """Progressive adapters: which tasks share an adapter in each stage, and the similarities."""
-    model = getattr(pl_module, "model", None)
-    sharing = model.sharing() if model is not None else {}
+    model = pl_module.model
+    sharing = model.sharing()
     if not sharing:
         return ""
     lines = ["", "### Adapter sharing (progressive adapters)", "", "| stage | adapters | groups |", "|---|---:|---|"]
     for stage, groups in sorted(sharing.items()):
         lines.append(f"| {stage} | {len(groups)} | " + " / ".join("{" + ", ".join(g) + "}" for g in groups) + " |")
-    for stage, sim in sorted(getattr(pl_module, "similarity", {}).items()):
+    for stage, sim in sorted(pl_module.mode.similarity.items()):
         tasks = model.tasks
         lines += ["", f"Gradient cosine similarity, stage {stage}:", "",
                   "| | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -138,19 +143,19 @@ class ResultsReport(L.Callback):
         self.path: Path | None = None
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        rows = collect_rows(pl_module, trainer.callback_metrics, stage)
+        recalibration = NormRecalibration.of(trainer)
+        rows = collect_rows(pl_module, trainer.callback_metrics, stage, recalibration.images if recalibration else None)
         self.rows = rows
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        hp = pl_module.hparams
-        budget = hp.get("budget")
-        setting = f"budget={budget}" if budget is not None else f"lam={hp.lam}"
-        penalty = pl_module.gate_settings.penalty if hasattr(pl_module, "gate_settings") else "layers"
-        if pl_module.is_taps and penalty != "layers":
+        policy, penalty = pl_module.lam_policy, pl_module.gate_settings.penalty
+        setting = policy.describe()
+        if pl_module.mode.learns_gates and penalty != "layers":
             setting += f", penalty={penalty}"
-        title = f"{hp.backbone}, mode={hp.mode}, {setting} ({stage} set)"
-        within = pl_module.within_budget() if budget is not None else None
+        title = f"{pl_module.model.backbone_name}, mode={pl_module.mode.name}, {setting} ({stage} set)"
+        budget = policy.budget
+        within = policy.within(pl_module.task_fractions())
         text = format_markdown(rows, title, budget, within) + grouping_markdown(pl_module)
         folder = Path(log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import lightning as L
 import numpy as np
 
 from taps_lightning import MultiTaskModel, gate_open
+from taps_lightning.training.lightning_module import TapsModule
 
 __all__ = ["selection_mask", "draw_heatmap", "selection_images", "log_images", "save_images", "LayerSelectionLogger"]
 
@@ -89,9 +90,9 @@ class LayerSelectionLogger(L.Callback):
     step slider shows selection evolving; at the end of fit write both as PNG next to the
     checkpoints. Rank zero draws; it costs nothing per training step."""
 
-    def _model(self, pl_module):
-        model = getattr(pl_module, "model", None)
-        return model if model is not None and model.selects_layers and model.tasks else None
+    def _model(self, pl_module: TapsModule):
+        model = pl_module.model
+        return model if model.learns_gates and model.tasks else None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         model = self._model(pl_module)

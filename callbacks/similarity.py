@@ -18,11 +18,11 @@ class TaskSimilarityLogger(L.Callback):
         self.logged = False
 
     def _log(self, trainer, pl_module) -> None:
-        sims = getattr(pl_module, "similarity", None)
+        sims = pl_module.mode.similarity
         if self.logged or not sims or not trainer.is_global_zero:
             return
         tasks = pl_module.model.tasks
-        step = pl_module.grouping_epoch or 0
+        step = pl_module.mode.grouping_epoch or 0
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if not hasattr(experiment, "add_image"):

@@ -245,7 +245,8 @@ def training_costs(repeats: int, warmup: int, budget: float = 0.3, batches: int 
     import warnings
 
     from datamodules import EmbeddedDigits
-    from taps_lightning.training.lightning_module import DEFAULT_RECALIBRATE_BATCHES, TapsModule
+    from taps_lightning.training.compose import create_taps_module
+    from taps_lightning.training.settings import DEFAULT_RECALIBRATE_BATCHES
 
     batches = batches or DEFAULT_RECALIBRATE_BATCHES
     warnings.filterwarnings("ignore", message=".*self.log.*")  # the module logs without a Trainer here
@@ -256,7 +257,7 @@ def training_costs(repeats: int, warmup: int, budget: float = 0.3, batches: int 
     modules = {}
     for name, kw in {"taps": {}, "budget": {"budget": budget}}.items():
         torch.manual_seed(0)
-        module = TapsModule(backbone="mobilenetv2_100", tasks=tasks, sparsity_warmup_epochs=0, **kw)
+        module = create_taps_module(backbone="mobilenetv2_100", tasks=tasks, sparsity_warmup_epochs=0, **kw)
         module.train()
         modules[name] = (module, torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.01,
                                                  momentum=0.9))

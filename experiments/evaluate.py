@@ -21,10 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks import LayerSelectionLogger, TaskExport, TaskParamLogger, TaskSimilarityLogger
 from callbacks.selection import log_images, save_images, selection_images
 from datamodules import MultiTaskDataModule
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
-from .inputs import run_cli
-from .trained import TrainedCLI
+from .run.inputs import run_cli
+from .run.trained import TrainedCLI
 
 #: fit's callbacks that act on training (checkpoints, exports, per-epoch logs): left out here.
 FIT_ONLY_CALLBACKS = (ModelCheckpoint, TaskExport, LayerSelectionLogger, TaskParamLogger, TaskSimilarityLogger)
@@ -57,19 +57,20 @@ class EvaluateCLI(TrainedCLI):
         else:
             data_args.tasks = [t for t in data_args.tasks if t in tasks]
 
+    def recalibrate_batches(self) -> int | None:
+        return self.config.recalibrate_batches  # None: the model's --model.recalibrate_batches, as in fit
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         self.trained.check_data(self.datamodule.num_classes)
         self.trained.load_into(self.model)
-        if self.config.recalibrate_batches is not None:
-            self.model.recalibrate_batches = self.config.recalibrate_batches
         self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, FIT_ONLY_CALLBACKS)]
         # Lightning asks for the checkpoint's ModelCheckpoint to restore its state: irrelevant without training
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
 
 
 def main(args: list[str] | None = None) -> EvaluateCLI:
-    with EvaluateCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+    with EvaluateCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                      seed_everything_default=0) as cli:
         _evaluate(cli)
     return cli
@@ -80,7 +81,7 @@ def _evaluate(cli: EvaluateCLI) -> None:
     run = trainer.validate if split == "val" else trainer.test
     run(model, data, ckpt_path=cli.config.ckpt_path, weights_only=True, verbose=False)
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-    if trainer.is_global_zero and model.model.selects_layers:
+    if trainer.is_global_zero and model.model.learns_gates:
         images = selection_images(model.model, f" ({split} set, evaluated)")
         log_images(trainer, images, step=0)
         save_images(images, log_dir)

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from datamodules import CorruptImageError, MultiTaskDataModule
 from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
-from .inputs import run_cli
-from .runs import check_writable
-from .trained import TrainedCLI, expand_paths
+from .run.inputs import run_cli
+from .run.runs import check_writable
+from .run.trained import TrainedCLI, expand_paths
 
 
 class ImageFiles(Dataset):
@@ -148,7 +148,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def main(args: list[str] | None = None) -> Path:
-    cli = PredictCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+    cli = PredictCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                      seed_everything_default=0, save_config_callback=None)
     cfg, model, data = cli.config, cli.model.model, cli.datamodule
     fabric = _fabric(cfg.trainer)

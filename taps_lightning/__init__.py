@@ -9,7 +9,7 @@ from .files.export import TaskFileError, base_fingerprint, layout_signature, loa
 from .models.factory import create_backbone, create_taps_model, load_weights
 from .core.gate import gate_open, gated_weight
 from .core.inject import inject_taps, strip_classifier
-from .core.layers import TapsConv, TapsGeneric, TapsLayer, TapsLinear, create_taps_layer
+from .core.layers import TapsLayer, create_taps_layer
 from .models.taps_model import TapsModel
 from .models.multitask import MultiTaskModel
 from .core.norms import TaskNorm
@@ -21,7 +21,7 @@ from .core.task_layer import TaskLayer
 __version__ = "0.1.0"
 
 __all__ = [
-    "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "TaskNorm",
+    "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gate_open", "gated_weight",
     "sparsity_loss", "gate_states", "count_params", "total_params_multiple",

@@ -9,8 +9,10 @@ import sys
 
 import lightning as L
 
+from callbacks import lifecycle_callbacks
+
 from helpers import TinyTasks
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 
 class CountSamples(L.Callback):
@@ -36,11 +38,11 @@ class CountSamples(L.Callback):
 def main(n_samples: int, root_dir: str) -> None:
     L.seed_everything(0)
     data = TinyTasks.make(n=n_samples, batch_size=4)
-    module = TapsModule(backbone="test_resnet", tasks=data.num_classes)
+    module = create_taps_module(backbone="test_resnet", tasks=data.num_classes)
     counter = CountSamples()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root_dir,
-                        callbacks=[counter])
+                        callbacks=[*lifecycle_callbacks(), counter])
     trainer.validate(module, data)
     trainer.test(module, data)
     if trainer.is_global_zero:

@@ -133,12 +133,23 @@ TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 
 def cpu_trainer(tmp_path, **kw) -> L.Trainer:
     """A quiet, deterministic one-process CPU ``Trainer`` (2 epochs, no logger, no checkpoints,
-    no sanity validation); ``kw`` overrides any of it."""
+    no sanity validation) with the lifecycle callbacks, as a user builds one (``callbacks`` are
+    added after them); ``kw`` overrides any of it."""
     args = dict(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                 default_root_dir=tmp_path, deterministic=True)
     args.update(kw)
-    return L.Trainer(**args)
+    return taps_trainer(**args)
+
+
+def taps_trainer(recalibrate_batches: int | None = None, **kw) -> L.Trainer:
+    """``L.Trainer(**kw)`` with the lifecycle callbacks first (``callbacks.lifecycle_callbacks``), as
+    a user builds a Trainer for a ``TapsModule``; ``callbacks`` given in ``kw`` come after them."""
+    from callbacks import lifecycle_callbacks
+
+    given = kw.pop("callbacks", None) or []
+    return L.Trainer(**kw, callbacks=[*lifecycle_callbacks(recalibrate_batches),
+                                      *(given if isinstance(given, list) else [given])])
 
 
 #: ``experiments.fit`` flags for a short run: one epoch on 48 images per task, one batch of each evaluation.

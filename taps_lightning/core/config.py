@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["TapsConfig", "CONV_TYPES", "GATED_TYPES", "THRESHOLD", "SCORE_INIT", "StartsOffWarning"]
+from ..errors import SettingsError
+
+__all__ = ["TapsConfig", "threshold_problems", "CONV_TYPES", "GATED_TYPES", "THRESHOLD", "SCORE_INIT", "StartsOffWarning"]
 
 #: The paper's threshold ``tau`` and the authors' initial score (above tau: every layer starts active).
 THRESHOLD = 0.1
@@ -18,6 +20,24 @@ SCORE_INIT = 0.15
 CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Every module type TAPS gates.
 GATED_TYPES: tuple[type, ...] = CONV_TYPES + (nn.Linear,)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def threshold_problems(threshold, score_init) -> list[str]:
+    """What is wrong with ``tau`` and the initial score, one line each naming the flag: ``tau``
+    must be a finite number above 0 (the penalty drives scores to 0, so a layer can only switch
+    off below a positive ``tau``; at ``tau <= 0`` every gate is open for ever) and the initial
+    score finite. (A start below ``tau`` is :class:`StartsOffWarning`'s, or a training setting's.)"""
+    found = []
+    if not (_finite(threshold) and threshold > 0):
+        found.append(f"--model.threshold (tau) must be a finite number > 0 (the penalty drives scores to 0, so a "
+                     f"layer can only switch off below a positive tau; paper: 0.1), got {threshold}")
+    if not _finite(score_init):
+        found.append(f"--model.score_init must be a finite number, got {score_init}")
+    return found
 
 
 class StartsOffWarning(UserWarning):
@@ -40,9 +60,10 @@ class TapsConfig:
     recompute_weight: bool = True
 
     def __post_init__(self) -> None:
+        problems = threshold_problems(self.threshold, self.score_init)
+        if problems:
+            raise SettingsError("invalid TAPS settings:\n  - " + "\n  - ".join(problems))
         self.threshold, self.score_init = float(self.threshold), float(self.score_init)
-        if not math.isfinite(self.threshold) or not math.isfinite(self.score_init):
-            raise ValueError(f"threshold and score_init must be finite, got {self.threshold} and {self.score_init}")
 
     def warn_if_starts_off(self, task: str) -> None:
         """Warn that a new ``task`` can never switch a layer on when ``score_init < threshold``: its

@@ -21,7 +21,7 @@ from .fused import fusable, gated_layer_forward
 from .gate import closed_score, compose_weight, gate_open, gated_weight
 from .task_layer import TaskLayer
 
-__all__ = ["TapsLayer", "TapsConv", "TapsLinear", "TapsGeneric", "create_taps_layer", "call_with_weight"]
+__all__ = ["TapsLayer", "create_taps_layer", "call_with_weight"]
 
 
 def call_with_weight(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
@@ -199,10 +199,6 @@ class TapsLayer(TaskLayer, nn.Module):
     def extra_repr(self) -> str:
         return (f"threshold={self.threshold}, tasks={self.tasks}, active_task={self.active_task}, "
                 f"recompute_weight={self.recompute_weight}")
-
-
-#: Former names of :class:`TapsLayer` (one class serves every layer type since the fused path).
-TapsConv = TapsLinear = TapsGeneric = TapsLayer
 
 
 def check_gatable(module: nn.Module) -> None:

@@ -47,7 +47,7 @@ class MultiTaskModel(nn.Module):
     #: Whether tasks can be written as task files (:func:`~taps_lightning.save_task`).
     can_export = False
     #: Whether each task selects its own layers (TAPS): :meth:`layer_selection` has something to show.
-    selects_layers = False
+    learns_gates = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,6 +151,11 @@ class MultiTaskModel(nn.Module):
         """Trained parameters of ``task``'s norms and of its head (what every task owns)."""
         norms = sum(p.numel() for _, norm in self.task_norms() for p in norm.task_norm(task).parameters())
         return norms, sum(p.numel() for p in self.heads[task].parameters())
+
+    def minimum_fractions(self) -> dict[str, float]:
+        """``{task: fraction}`` each task stores with no task-specific layer: its norms and head
+        (the smallest storage budget it can meet)."""
+        return {task: sum(self.norm_and_head_params(task)) / self.base_param_count for task in self.tasks}
 
     def total_params_multiple(self) -> float:
         """Base plus every task's own parameters, in backbones (the paper's "Params" column)."""

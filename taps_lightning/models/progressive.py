@@ -31,13 +31,17 @@ __all__ = ["LoRALayer", "ProgressiveAdapterModel", "default_schedule", "assign_s
            "cosine_similarity_matrix", "group_tasks"]
 
 
+#: LoRA rank of the progressive adapters unless told otherwise (``--model.adapter_rank``).
+DEFAULT_ADAPTER_RANK = 8
+
+
 class LoRALayer(TaskLayer, nn.Module):
     """A frozen ``base_layer`` plus low-rank weight deltas ``B @ A * alpha / rank``, one per adapter;
     each task is routed to one adapter (``adapter_of``), several tasks may share one."""
 
     adapter_layer_names = ("lora_A", "lora_B")
 
-    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, rank: int = DEFAULT_ADAPTER_RANK, alpha: float | None = None) -> None:
         super().__init__()
         check_gatable(base_layer)
         self.base_layer = base_layer
@@ -203,7 +207,7 @@ class ProgressiveAdapterModel(MultiTaskModel):
 
     can_export = True
 
-    def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], rank: int = 8, alpha: float | None = None,
+    def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], rank: int = DEFAULT_ADAPTER_RANK, alpha: float | None = None,
                  num_stages: int = 4, schedule: Sequence[int] | None = None, backbone_name: str | None = None) -> None:
         super().__init__()
         if not tasks:

@@ -47,7 +47,7 @@ class TapsModel(MultiTaskModel):
     """
 
     can_export = True
-    selects_layers = True
+    learns_gates = True
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..models.taps_model import TapsModel
 
 __all__ = ["BudgetController", "BudgetPolicy", "FixedLambda", "LambdaPolicy", "create_lambda_policy",
-           "enforce_budget", "within_budget", "check_budget_reachable", "budget_monitor", "BUDGET_MONITOR",
+           "enforce_budget", "within_budget", "check_budget_reachable", "BUDGET_MONITOR",
            "DEFAULT_BUDGET_RATE", "DEFAULT_BUDGET_BAND"]
 
 #: ``lambda`` added per training step while a task stores twice its budget or more (the error is
@@ -177,21 +177,6 @@ def check_budget_reachable(budget: float, minimum: Mapping[str, float]) -> None:
             "and head): " + ", ".join(f"{t} {100 * f:.2f} %" for t, f in below.items())
             + f". The smallest budget every task can meet is {need:.4f} ({100 * need:.2f} %); "
             f"use --model.budget {math.ceil(need * 1e4) / 1e4} or more")
-
-
-def budget_monitor(budget: float | None, monitor: str) -> tuple[str, str | None]:
-    """The checkpoint monitor a run should rank by, and a note when the user's choice may keep a
-    best checkpoint over budget: a budget run ranks by :data:`BUDGET_MONITOR` unless told
-    otherwise; a run without a budget cannot (e.g. ``--config`` of a budget run with
-    ``--model.budget null``)."""
-    if budget is not None and monitor == "val/acc":
-        return BUDGET_MONITOR, None
-    if budget is None and monitor == BUDGET_MONITOR:
-        return "val/acc", None
-    if budget is not None and monitor != BUDGET_MONITOR:
-        return monitor, (f"TAPS | --checkpoint.monitor {monitor}: the best checkpoint is not chosen by "
-                         f"{BUDGET_MONITOR}, so it may be over --model.budget")
-    return monitor, None
 
 
 class LambdaPolicy:

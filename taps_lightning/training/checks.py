@@ -9,7 +9,11 @@ import re
 
 from ..errors import SettingsError
 
-__all__ = ["SettingsError", "normalize_sha256", "data_class_names", "class_name_changes"]
+__all__ = ["SettingsError", "normalize_sha256", "data_class_names", "class_name_changes", "resume_conflicts",
+           "resume_changes", "RESUME_FIXED_FLAGS"]
+
+#: Flags a resume must keep: they decide what the checkpoint's weights are, or how its best checkpoint was ranked.
+RESUME_FIXED_FLAGS = ("backbone", "mode", "tasks", "threshold", "budget")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -69,3 +73,18 @@ def class_name_changes(recorded: dict, current: dict, origin: str) -> str | None
 def _few(items: list, limit: int = 5, quote: bool = True) -> str:
     shown = ", ".join(repr(i) if quote else str(i) for i in items[:limit])
     return "[" + shown + (f", ... {len(items) - limit} more" if len(items) > limit else "") + "]"
+
+
+def resume_conflicts(saved: dict, current: dict, origin: str) -> list[str]:
+    """The :data:`RESUME_FIXED_FLAGS` whose value differs between a checkpoint's recorded flags
+    (``saved``) and this run's (``current``), one line each naming the flag, both values and the fix."""
+    return [f"--model.{key}: the checkpoint was trained with {key}={saved[key]!r}, but this run has {key}={current[key]!r}; "
+            "use the same setting (e.g. --config <run folder>/config.yaml) or start a new run (drop --ckpt_path)"
+            for key in RESUME_FIXED_FLAGS if key in saved and key in current and saved[key] != current[key]]
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """``{flag: (checkpoint's value, this run's)}`` for every other recorded flag a resume changes
+    (allowed, e.g. another ``lam`` or ``lr`` from here on, but never silently)."""
+    return {k: (saved[k], v) for k, v in current.items()
+            if k in saved and saved[k] != v and k not in RESUME_FIXED_FLAGS and not k.startswith("_")}

@@ -21,13 +21,16 @@ from ..models.progressive import ProgressiveAdapterModel, cosine_similarity_matr
 from .checks import SettingsError
 from .settings import ModeSettings
 
-__all__ = ["Mode", "ModeSettings", "MODES", "TAPS_MODES", "create_mode", "mode_class"]
+__all__ = ["Mode", "ModeSettings", "MODES", "create_mode", "mode_class"]
 
 
 class Mode:
     """Defaults: a model whose parameters train as built, no penalty, no phases."""
 
-    #: Whether the mode learns TAPS gates (the sparsity penalty and per-layer costs apply).
+    #: The ``--model.mode`` value.
+    name = ""
+    #: Whether the mode learns TAPS gates (the sparsity penalty, per-layer costs, budgets and
+    #: task files with scores apply): the one name of "this mode has gates".
     learns_gates = False
     #: Whether some trained parameters sit out of the graph in some epochs (DDP must be told).
     leaves_parameters_unused = False
@@ -52,6 +55,25 @@ class Mode:
 
     def enter_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         """Called at setup and at every training epoch's start."""
+
+    def run_length_problems(self, max_epochs: int, freeze_gates_epochs: int) -> list[str]:
+        """Settings that would silently do nothing in a run of ``max_epochs`` (each line names both
+        flags): a phase that never starts, gates that never train. Checked before the first step."""
+        if not self.learns_gates:
+            return []
+        found, start = [], self.taps_start_epoch()
+        n = f"--trainer.max_epochs {max_epochs}"
+        warmup = self.settings.sparsity_warmup_epochs
+        if start + warmup >= max_epochs:
+            found.append(f"--model.sparsity_warmup_epochs {warmup}" + (f" after --model.joint_epochs {start}" if start else "")
+                         + f" >= {n}: the sparsity penalty never starts, so every layer stays task-specific and "
+                         f"--model.lam/--model.budget do nothing; use fewer warm-up epochs or more epochs")
+        if freeze_gates_epochs and max_epochs - freeze_gates_epochs <= start:
+            found.append(f"--model.freeze_gates_epochs {freeze_gates_epochs} with {n}" + (f" and --model.joint_epochs "
+                         f"{start}" if start else "") + ": the gates are frozen from the first TAPS epoch, so no "
+                         "layer is ever selected (TAPS becomes per-task fine-tuning); freeze fewer epochs than the "
+                         "TAPS epochs")
+        return found
 
     def task_cost(self, model: MultiTaskModel, task: str, epoch: int) -> dict[str, float]:
         return model.task_cost(task)
@@ -78,6 +100,8 @@ class Mode:
 class Incremental(Mode):
     """Eq. 3: frozen base, each task learns its deltas, gates, norms and head on its own."""
 
+    name = "incremental"
+
     learns_gates = True
     freeze_base = True
 
@@ -90,12 +114,16 @@ class Incremental(Mode):
 class Joint(Incremental):
     """Eq. 4: the base is trained with all tasks."""
 
+    name = "joint"
+
     freeze_base = False
 
 
 class MemoryEfficient(Incremental):
     """Sec. 3.3: ``joint_epochs`` of joint training of base, norms and heads (gates off), then
     incremental TAPS on that base, with its own cosine cycle."""
+
+    name = "memory_efficient"
 
     leaves_parameters_unused = True  # the deltas during the joint phase
 
@@ -106,6 +134,13 @@ class MemoryEfficient(Incremental):
         joint_phase = epoch < self.taps_start_epoch()
         model.set_taps_enabled(not joint_phase)
         model.set_base_trainable(joint_phase)
+
+    def run_length_problems(self, max_epochs, freeze_gates_epochs):
+        if self.taps_start_epoch() >= max_epochs:  # the rest would repeat it
+            return [f"--model.joint_epochs {self.taps_start_epoch()} >= --trainer.max_epochs {max_epochs}: the TAPS "
+                    "phase never runs (memory-efficient mode would be joint fine-tuning of norms and heads); use "
+                    "fewer joint epochs or more epochs"]
+        return super().run_length_problems(max_epochs, freeze_gates_epochs)
 
     def task_cost(self, model: TapsModel, task: str, epoch: int) -> dict[str, float]:
         cost = model.task_cost(task)
@@ -136,11 +171,15 @@ class _Baseline(Mode):
 class FineTune(_Baseline):
     """A full backbone copy per task (the paper's paragon)."""
 
+    name = "finetune"
+
     copy_per_task = True
 
 
 class LinearProbe(_Baseline):
     """A frozen feature extractor, heads only."""
+
+    name = "linear"
 
     train_backbone = False
 
@@ -148,23 +187,33 @@ class LinearProbe(_Baseline):
 class JointFineTune(_Baseline):
     """One backbone trained by all tasks, a head per task."""
 
+    name = "joint_finetune"
+
 
 class Progressive(Mode):
     """Progressive task-specific LoRA adapters; tasks are grouped by the cosine similarity of
     their gradients on each stage's shared adapter, collected during the last warm-up epoch."""
 
+    name = "progressive"
+
     leaves_parameters_unused = True  # adapters not yet used during the warm-up
 
     def __init__(self, settings):
-        super().__init__(settings)
-        if settings.similarity_epochs < 1:
-            raise ValueError("progressive mode needs similarity_epochs >= 1 (the shared warm-up)")
+        super().__init__(settings)  # similarity_epochs >= 1 (the shared warm-up): checked with the other settings
         self.task_grads: dict[str, list[Tensor]] = {}
 
     def build(self, net, tasks):
         s = self.settings
         return ProgressiveAdapterModel(net, tasks, rank=s.adapter_rank, num_stages=s.num_stages,
                                        schedule=s.adapter_schedule, backbone_name=s.backbone)
+
+    def run_length_problems(self, max_epochs, freeze_gates_epochs):
+        epochs = self.settings.similarity_epochs
+        if epochs >= max_epochs:
+            return [f"--model.similarity_epochs {epochs} >= --trainer.max_epochs {max_epochs}: the tasks are grouped at "
+                    "the end of the shared warm-up, so no epoch would train the grouped adapters; use fewer "
+                    "similarity epochs or more epochs"]
+        return []
 
     def collects_gradients(self, model, epoch, batch_idx):
         return (not model.grouped and epoch == self.settings.similarity_epochs - 1
@@ -202,12 +251,8 @@ class Progressive(Mode):
 
 
 #: Every mode by its ``--model.mode`` name.
-MODES: dict[str, type[Mode]] = {
-    "incremental": Incremental, "joint": Joint, "memory_efficient": MemoryEfficient,
-    "finetune": FineTune, "linear": LinearProbe, "joint_finetune": JointFineTune, "progressive": Progressive,
-}
-#: Modes that learn TAPS gates.
-TAPS_MODES = tuple(name for name, mode in MODES.items() if mode.learns_gates)
+MODES: dict[str, type[Mode]] = {mode.name: mode for mode in (
+    Incremental, Joint, MemoryEfficient, FineTune, LinearProbe, JointFineTune, Progressive)}
 
 
 def mode_class(name: str) -> type[Mode]:

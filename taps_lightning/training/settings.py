@@ -1,8 +1,9 @@
 """``TapsModule``'s settings as small typed groups, each the one place its own ranges are checked.
 
-A group is a frozen dataclass whose fields are ``TapsModule`` arguments of the same names (so a
+A group is a frozen dataclass whose fields are ``--model.*`` flags of the same names (so a
 flag can be followed to the group that reads it), built with :meth:`Settings.of` from the
-module's hyper-parameters. :meth:`Settings.problems` lists what is wrong with the group, each
+flags; the flags' defaults and documentation are those of the composition root,
+:func:`~taps_lightning.training.compose.create_taps_module`, and nowhere else. :meth:`Settings.problems` lists what is wrong with the group, each
 problem naming the flag, the value given and what to set instead; :func:`check_settings` asks
 every group and refuses them all at once, so a user fixing a config does not discover the
 problems one run at a time. Plain Python: usable without Lightning.
@@ -13,9 +14,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence, TypeVar
 
-from .budget import DEFAULT_BUDGET_RATE
+from ..core.config import threshold_problems
 from .checks import SettingsError
-from ..core.config import SCORE_INIT, THRESHOLD
 
 __all__ = ["Settings", "OptimizerSettings", "GateSettings", "ModeSettings", "EvaluationSettings",
            "PENALTIES", "SCHEDULERS", "DEFAULT_RECALIBRATE_BATCHES", "check_settings"]
@@ -44,9 +44,14 @@ class Settings:
     """What every group does: build itself from hyper-parameters, list its own problems."""
 
     @classmethod
-    def of(cls: type[_S], hparams: Mapping[str, Any]) -> _S:
-        """The group's fields picked from a module's hyper-parameters (other keys ignored)."""
-        return cls(**{f.name: hparams[f.name] for f in fields(cls) if f.name in hparams})
+    def of(cls: type[_S], flags: Mapping[str, Any]) -> _S:
+        """The group's fields picked from the ``--model.*`` flags (other keys ignored; every field
+        must be there: the defaults are :func:`~taps_lightning.training.compose.create_taps_module`'s)."""
+        missing = [f.name for f in fields(cls) if f.name not in flags]
+        if missing:
+            raise TypeError(f"{cls.__name__}.of: no value for {missing} (take the defaults from "
+                            "taps_lightning.training.compose.flag_defaults())")
+        return cls(**{f.name: flags[f.name] for f in fields(cls)})
 
     def problems(self, learns_gates: bool) -> list[str]:
         """One line per out-of-range field (``learns_gates``: whether the mode has TAPS gates,
@@ -58,23 +63,16 @@ class Settings:
 class OptimizerSettings(Settings):
     """SGD with momentum (the paper's optimiser) and its learning-rate schedule.
 
-    Args:
-        lr: learning rate.
-        momentum: SGD momentum, in ``[0, 1)``.
-        nesterov: Nesterov momentum (the authors' script builds plain-momentum SGD).
-        weight_decay: on every trained weight but the scores.
-        score_lr: the scores' learning rate (``None``: ``lr``).
-        scheduler: one of :data:`SCHEDULERS`.
-        cosine_epochs: length of the per-epoch cosine (``None``: ``trainer.max_epochs``).
+    Fields: the flags of the same names (:func:`~taps_lightning.training.compose.create_taps_module`).
     """
 
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    score_lr: float | None = None
-    scheduler: str = "cosine"
-    cosine_epochs: int | None = None
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    score_lr: float | None
+    scheduler: str
+    cosine_epochs: int | None
 
     @property
     def scores_lr(self) -> float:
@@ -110,44 +108,33 @@ class OptimizerSettings(Settings):
 class ModeSettings(Settings):
     """What a mode reads to build its model and run its phases.
 
-    Args:
-        backbone: the backbone's name, recorded in task files.
-        threshold, score_init, recompute_weight: the TAPS layers' :class:`~taps_lightning.core.config.TapsConfig`.
-        sparsity_warmup_epochs: epochs of gate training before the penalty starts.
-        joint_epochs: memory-efficient mode: length of the joint phase.
-        adapter_rank, num_stages, adapter_schedule: progressive mode: the adapters.
-        similarity_epochs, similarity_batches: progressive mode: the warm-up and the batches
-            whose gradients group the tasks.
+    Fields: the flags of the same names (:func:`~taps_lightning.training.compose.create_taps_module`).
     """
 
-    backbone: str = "resnet50"
-    threshold: float = THRESHOLD
-    score_init: float = SCORE_INIT
-    recompute_weight: bool = True
-    sparsity_warmup_epochs: int = 3
-    joint_epochs: int = 1
-    adapter_rank: int = 8
-    num_stages: int = 4
-    adapter_schedule: Sequence[int] | None = None
-    similarity_epochs: int = 1
-    similarity_batches: int = 8
+    backbone: str
+    threshold: float
+    score_init: float
+    recompute_weight: bool
+    sparsity_warmup_epochs: int
+    joint_epochs: int
+    adapter_rank: int
+    num_stages: int
+    adapter_schedule: Sequence[int] | None
+    similarity_epochs: int
+    similarity_batches: int
 
     def problems(self, learns_gates: bool) -> list[str]:
         found = []
         for name, least in (("sparsity_warmup_epochs", 0), ("joint_epochs", 0)):
             if not _count(getattr(self, name), least):
                 found.append(f"--model.{name} must be an integer >= {least}, got {getattr(self, name)}")
-        for name in ("adapter_rank", "num_stages", "similarity_batches"):
+        for name in ("adapter_rank", "num_stages", "similarity_epochs", "similarity_batches"):
             if not _count(getattr(self, name), 1):
                 found.append(f"--model.{name} must be >= 1, got {getattr(self, name)}")
         if not learns_gates:  # a baseline has no gates: tau and the initial score mean nothing
             return found
-        if not (_finite(self.threshold) and self.threshold > 0):
-            found.append(f"--model.threshold (tau) must be a finite number > 0 (the penalty drives scores to 0, so a "
-                         f"layer can only switch off below a positive tau; paper: 0.1), got {self.threshold}")
-        if not _finite(self.score_init):
-            found.append(f"--model.score_init must be a finite number, got {self.score_init}")
-        elif _finite(self.threshold) and self.score_init < self.threshold:
+        found += threshold_problems(self.threshold, self.score_init)  # the core's own rule (TapsConfig)
+        if _finite(self.score_init) and _finite(self.threshold) and self.score_init < self.threshold:
             found.append(
                 f"--model.score_init {self.score_init} < --model.threshold {self.threshold}: every layer starts off "
                 "with a zero delta, so its score gradient <dL/dw, delta> is 0 and no layer can ever switch on; the "
@@ -160,21 +147,21 @@ class GateSettings(Settings):
     """What drives the gates: the sparsity penalty, its ``lambda`` or a storage budget, and when
     the gates stop moving.
 
-    Args:
-        lam: ``lambda``, the penalty's weight (not used with a ``budget``).
-        penalty: one of :data:`PENALTIES`, resolved (``TapsModule`` picks ``params`` with a budget).
-        penalty_divisor: the ``layers`` penalty's divisor instead of ``L``.
-        budget: the fraction of the backbone each task may store, in ``(0, 1]``.
-        budget_rate: the budget's dual-ascent step.
-        freeze_gates_epochs: the last epochs in which the scores get no update.
+    Fields: the flags of the same names (:func:`~taps_lightning.training.compose.create_taps_module`).
     """
 
-    lam: float = 0.5
-    penalty: str = "layers"
-    penalty_divisor: float | None = None
-    budget: float | None = None
-    budget_rate: float = DEFAULT_BUDGET_RATE
-    freeze_gates_epochs: int = 0
+    lam: float
+    penalty: str | None
+    penalty_divisor: float | None
+    budget: float | None
+    budget_rate: float
+    freeze_gates_epochs: int
+
+    def __post_init__(self) -> None:
+        # no penalty given: ``params`` with a budget (the Lagrangian of "stored fraction <= budget" is
+        # exactly that sum), the paper's ``layers`` without
+        if self.penalty is None:
+            object.__setattr__(self, "penalty", "params" if self.budget is not None else "layers")
 
     def problems(self, learns_gates: bool) -> list[str]:
         found = []
@@ -207,12 +194,10 @@ class GateSettings(Settings):
 class EvaluationSettings(Settings):
     """What happens before the weights are evaluated.
 
-    Args:
-        recalibrate_batches: batches each task's BatchNorm statistics are re-estimated on
-            (0: keep the training-time running averages).
+    Fields: the flags of the same names (:func:`~taps_lightning.training.compose.create_taps_module`).
     """
 
-    recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES
+    recalibrate_batches: int
 
     def problems(self, learns_gates: bool) -> list[str]:
         if _count(self.recalibrate_batches, 0):

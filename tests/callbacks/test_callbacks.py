@@ -12,8 +12,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks import DecathlonScore, LayerSelectionLogger, ResultsReport, TaskParamLogger, decathlon_score
 from callbacks.params import task_param_metrics
 from callbacks.selection import selection_mask
-from helpers import TinyTasks
-from taps_lightning.training.lightning_module import TapsModule
+from helpers import TinyTasks, taps_trainer
+from taps_lightning.training.compose import create_taps_module
 
 TINY = dict(backbone="test_resnet", sparsity_warmup_epochs=0)
 
@@ -88,7 +88,7 @@ def _hand_scores(module, off):
 
 
 def test_selection_mask_equals_hand_mask():
-    module = TapsModule(tasks={"a": 3, "b": 4}, **TINY)
+    module = create_taps_module(tasks={"a": 3, "b": 4}, **TINY)
     n = len(module.model.gated_names)
     off = {("a", 0), ("a", 3), ("b", n - 1)}
     _hand_scores(module, off)
@@ -107,7 +107,7 @@ def test_heatmaps_show_each_tasks_gates_in_its_row_under_its_name(drawn):
     ``taps/scores``. Gates set by hand, so the expected picture is known without TAPS code."""
     from callbacks.selection import selection_images
 
-    module = TapsModule(tasks={"zeta": 3, "alpha": 4, "mid": 2}, **TINY)
+    module = create_taps_module(tasks={"zeta": 3, "alpha": 4, "mid": 2}, **TINY)
     model = module.model
     model(torch.randn(2, 3, 32, 32), "zeta")  # forward order recorded
     layers = model.layer_order()
@@ -157,10 +157,10 @@ def test_callbacks_reach_tensorboard_and_report(tmp_path, drawn):
 
     L.seed_everything(0)
     data = TinyTasks.make(tasks=("svhn", "b"), classes=(10, 3))
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     logger = TensorBoardLogger(tmp_path, name="run")
     report = ResultsReport()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False,
+    trainer = taps_trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), LayerSelectionLogger(),
                                    TaskParamLogger(), DecathlonScore(), report])
@@ -220,7 +220,7 @@ def test_report_mean_row_is_the_mean_of_the_task_rows_and_val_acc(stage, tmp_pat
     classes = {"zeta": 4, "alpha": 3, "mid": 5}
     counts = {"zeta": 24, "alpha": 12, "mid": 40}  # label 0: 6 of 24, 4 of 12, 8 of 40
     data = TinyTasks.make(tasks=tuple(classes), classes=tuple(classes.values()), n=counts)
-    module = TapsModule(tasks=classes, **TINY)
+    module = create_taps_module(tasks=classes, **TINY)
     with torch.no_grad():
         for head in module.model.heads.values():
             head.weight.zero_()
@@ -229,7 +229,7 @@ def test_report_mean_row_is_the_mean_of_the_task_rows_and_val_acc(stage, tmp_pat
     expected = {"zeta": 100 * 6 / 24, "alpha": 100 * 4 / 12, "mid": 100 * 8 / 40}
     mean = sum(expected.values()) / 3  # 26.11; weighted by samples 23.68, median 25
     report = ResultsReport()
-    trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report],
+    trainer = taps_trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report],
                         enable_progress_bar=False, enable_model_summary=False)
     metrics = (trainer.validate if stage == "val" else trainer.test)(module, data, verbose=False)[0]
     assert 100 * metrics[f"{stage}/acc"] == pytest.approx(mean, abs=1e-4)
@@ -247,16 +247,16 @@ def test_report_mean_row_is_the_mean_of_the_task_rows_and_val_acc(stage, tmp_pat
 
 def test_report_is_written_after_validate_and_once_per_fit(tmp_path):
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     report = ResultsReport()
     stages = []
     write = report._write
     report._write = lambda trainer, pl_module, stage: (stages.append(stage), write(trainer, pl_module, stage))
     kw = dict(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report], enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
-    L.Trainer(max_epochs=2, **kw).fit(module, data)
+    taps_trainer(max_epochs=2, **kw).fit(module, data)
     assert stages == ["val"]  # at the end of fit, not after each validation epoch
-    metrics = L.Trainer(**kw).validate(module, data, verbose=False)[0]
+    metrics = taps_trainer(**kw).validate(module, data, verbose=False)[0]
     assert stages == ["val", "val"]
     assert "(val set)" in (tmp_path / "report.md").read_text()
     assert report.rows[0]["accuracy"] == pytest.approx(100 * metrics["val/a/acc"])

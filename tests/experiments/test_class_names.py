@@ -4,7 +4,6 @@ and a mismatch is refused, naming the task and the classes."""
 import csv
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,7 +11,8 @@ from PIL import Image
 from datamodules import ImageFolderTasks
 from experiments import evaluate, predict
 from experiments.fit import main as fit_main
-from taps_lightning.training.lightning_module import TapsModule
+from helpers import taps_trainer
+from taps_lightning.training.compose import create_taps_module
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -79,11 +79,11 @@ def test_checkpoint_records_class_names_and_the_module_refuses_changed_ones(tmp_
     root = make_image_folder(tmp_path / "data")
 
     def trainer():
-        return L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+        return taps_trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
 
     data = ImageFolderTasks(str(root), image_size=32, batch_size=4, num_workers=0, persistent_workers=False)
-    module = TapsModule(backbone="test_resnet", tasks=data.num_classes)
+    module = create_taps_module(backbone="test_resnet", tasks=data.num_classes)
     t = trainer()
     t.fit(module, data)
     t.save_checkpoint(tmp_path / "a.ckpt")
@@ -93,5 +93,5 @@ def test_checkpoint_records_class_names_and_the_module_refuses_changed_ones(tmp_
     _rename(root, "shapes", "circle", "disc")  # sorted: disc, square, triangle; label 0 means another class
     data = ImageFolderTasks(str(root), image_size=32, batch_size=4, num_workers=0, persistent_workers=False)
     with pytest.raises(ValueError, match=r"task 'shapes': .*\[0: 'circle' -> 'disc'\]"):
-        trainer().validate(TapsModule(backbone="test_resnet", tasks=data.num_classes), data,
+        trainer().validate(create_taps_module(backbone="test_resnet", tasks=data.num_classes), data,
                            ckpt_path=str(tmp_path / "a.ckpt"), weights_only=True)

@@ -5,7 +5,7 @@ import torch
 
 from helpers import QUICK
 from helpers import run_fit_cli as _run_cli
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 
 @pytest.mark.slow
@@ -30,12 +30,12 @@ def test_fit_normalises_inputs_as_the_backbone_expects(tmp_path, monkeypatch):
     import timm
 
     from datamodules import MultiTaskDataModule
-    from experiments.fit import TapsCLI
+    from experiments.run.cli import TapsCLI
 
     monkeypatch.chdir(tmp_path)
     means = []
     for backbone in ("test_vit", "resnet18"):
-        cli = TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False,
+        cli = TapsCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False,
                       args=["--model.backbone", backbone, "--model.weights", "null"])
         cfg = timm.create_model(backbone).pretrained_cfg
         white = cli.datamodule._transform(train=False)(torch.full((3, 8, 8), 255, dtype=torch.uint8))

@@ -189,7 +189,7 @@ def test_experiment_file_without_its_base_is_refused(capsys):
     refuses it before anything is built, naming the base to pass first; with the base first
     (or with a run's own config.yaml, which has no base.yaml beside it) the check passes."""
     from experiments.fit import main
-    from experiments.inputs import check_config_order
+    from experiments.run.inputs import check_config_order
     from taps_lightning.training.checks import SettingsError
 
     base, joint = ROOT / "configs" / "domainnet" / "base.yaml", ROOT / "configs" / "domainnet" / "joint.yaml"

@@ -193,7 +193,7 @@ def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, m
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}/missing"], r"missing: data folder not found"),
 ])
 def test_user_errors_end_with_their_message_not_a_traceback(args, message, tmp_path, monkeypatch):
-    from experiments.inputs import run_cli
+    from experiments.run.inputs import run_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)

@@ -161,7 +161,7 @@ def test_a_checkpoint_save_killed_halfway_leaves_its_temporary_file_beside_the_t
 
 
 def test_the_next_save_of_a_target_removes_a_killed_saves_temporary_file(tmp_path):
-    from experiments.preemption import BesideTargetCheckpointIO
+    from experiments.run.preemption import BesideTargetCheckpointIO
 
     stale = tmp_path / ".last.ckpt.99999999.tmp"
     stale.write_bytes(b"x" * 1000)

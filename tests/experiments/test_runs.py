@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.runs import RunInUseError, RunLock, claim_version
+from experiments.run.runs import RunInUseError, RunLock, claim_version
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.tasks", "[mnist]",
@@ -39,7 +39,7 @@ def in_tmp(tmp_path, monkeypatch, data_home):
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """A separate process that takes the run lock and sleeps, as a live training run would."""
-    code = ("import sys, time; from experiments.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from experiments.run.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -76,10 +76,10 @@ def test_concurrent_claims_get_distinct_folders(tmp_path):
 
 def _cli(args):
     from datamodules import MultiTaskDataModule
-    from experiments.fit import TapsCLI
-    from taps_lightning.training.lightning_module import TapsModule
+    from experiments.run.cli import TapsCLI
+    from taps_lightning.training.compose import create_taps_module
 
-    return TapsCLI(TapsModule, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
+    return TapsCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                    seed_everything_default=0, save_config_kwargs={"overwrite": False})
 
 
@@ -167,7 +167,7 @@ def test_refused_resume_keeps_the_runs_config_and_bad_checkpoints_are_named(in_t
     main(TINY)
     run = in_tmp / "logs" / "taps" / "version_0"
     config = (run / "config.yaml").read_text()
-    with pytest.raises(ValueError, match="checkpoint was trained with threshold=0.1 but this run has threshold=0.12"):
+    with pytest.raises(ValueError, match="checkpoint was trained with threshold=0.1, but this run has threshold=0.12"):
         main(TINY + ["--ckpt_path", "last", "--model.threshold", "0.12"])
     assert (run / "config.yaml").read_text() == config  # the run's own record is untouched
     assert "threshold: 0.12" in (run / "config_resume.yaml").read_text()  # the attempt is recorded beside it

@@ -7,11 +7,11 @@ import timm
 import torch
 from torch import nn
 
-from helpers import TinyTasks, assert_rounding_close, tiny_resnet
+from helpers import TinyTasks, assert_rounding_close, tiny_resnet, taps_trainer
 from taps_lightning import gate_states
 from taps_lightning.training.budget import BudgetController, check_budget_reachable, enforce_budget, within_budget
 from taps_lightning.training.checks import SettingsError
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 
@@ -143,7 +143,7 @@ def test_params_penalty_weights_each_score_by_its_layers_share_of_gated_weights(
 
 def test_module_loss_uses_the_chosen_penalty():
     torch.manual_seed(0)
-    module = TapsModule(tasks={"a": 3}, mode="incremental", lam=0.7, penalty="params", **TINY).train()
+    module = create_taps_module(tasks={"a": 3}, mode="incremental", lam=0.7, penalty="params", **TINY).train()
     batch = {"a": (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]))}
     total = module.training_step(batch, 0)
     with torch.no_grad():
@@ -168,9 +168,9 @@ def _minimum_fraction(num_classes: int) -> float:
 def test_budget_below_norms_and_head_is_refused_with_the_minimum():
     need = max(_minimum_fraction(4), _minimum_fraction(3))
     with pytest.raises(ValueError) as err:
-        TapsModule(tasks={"a": 4, "b": 3}, budget=need * 0.99, **TINY)
+        create_taps_module(tasks={"a": 4, "b": 3}, budget=need * 0.99, **TINY)
     assert f"{100 * need:.2f} %" in str(err.value) and "--model.budget" in str(err.value)
-    TapsModule(tasks={"a": 4, "b": 3}, budget=need * 1.0001, **TINY)  # just above: accepted
+    create_taps_module(tasks={"a": 4, "b": 3}, budget=need * 1.0001, **TINY)  # just above: accepted
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -184,7 +184,7 @@ def test_budget_below_norms_and_head_is_refused_with_the_minimum():
 ])
 def test_bad_budget_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TapsModule(tasks={"a": 3}, **{**TINY, **kwargs})
+        create_taps_module(tasks={"a": 3}, **{**TINY, **kwargs})
 
 
 # -- the closed loop --------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def _budget_module(**kw):
     L.seed_everything(0)
     data = TinyTasks.make(n=24)
     kw = {"mode": "incremental", "budget": 0.3, **TINY, **kw}
-    return TapsModule(tasks=data.num_classes, **kw), data
+    return create_taps_module(tasks=data.num_classes, **kw), data
 
 
 class _LamSpy(L.Callback):
@@ -269,7 +269,7 @@ def test_resume_continues_the_controller_exactly(tmp_path):
     """As ``experiments.fit`` checkpoints: the best by val/budget_acc, and last.ckpt every epoch."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from experiments.fit import last_checkpoint
+    from experiments.run.cli import last_checkpoint
 
     class Interrupt(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -281,7 +281,7 @@ def test_resume_continues_the_controller_exactly(tmp_path):
         spy = _LamSpy()
         callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, monitor="val/budget_acc", mode="max"),
                      last_checkpoint(str(tmp_path / folder)), spy] + ([Interrupt()] if interrupt else [])
-        L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        taps_trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, deterministic=True, callbacks=callbacks).fit(module, data, ckpt_path=ckpt_path)
         return module, spy.seen
 
@@ -313,7 +313,7 @@ def test_every_validated_and_checkpointed_state_meets_the_budget(mode, tmp_path)
             seen[-1] += (float(trainer.callback_metrics["val/budget_acc"]), float(trainer.callback_metrics["val/acc"]))
 
     spy = _LamSpy()
-    L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    taps_trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Spy(), spy]).fit(module, data)
     start = 1 + (1 if mode == "memory_efficient" else 0)  # warm-up (and the joint phase) first
     for epoch, fractions, budget_acc, acc in seen:
@@ -369,12 +369,12 @@ def test_a_shrunk_step_size_is_restored_and_the_controller_continues_exactly():
 
 def test_a_resumed_module_continues_a_shrunk_controller(tmp_path):
     """Through the module's checkpoint hooks, as Lightning calls them on ``--ckpt_path``."""
-    module = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
+    module = create_taps_module(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
     _shrink(module.lam_policy.controller)
     checkpoint = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")
-    resumed = TapsModule(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
+    resumed = create_taps_module(tasks={"a": 3, "b": 4}, budget=0.3, budget_rate=0.1, **TINY)
     resumed.on_load_checkpoint(torch.load(tmp_path / "c.ckpt", weights_only=True))
     assert resumed.lam_policy.controller.state_dict() == module.lam_policy.controller.state_dict()
     assert _continue(resumed.lam_policy.controller) == _continue(module.lam_policy.controller)
@@ -393,7 +393,7 @@ def test_controller_refuses_bad_settings_and_eases_a_task_with_nothing_left():
 
 def test_a_budget_run_adds_each_tasks_own_lambda_times_the_params_penalty():
     torch.manual_seed(0)
-    module = TapsModule(tasks={"a": 3, "b": 4}, mode="incremental", budget=0.5, **TINY).train()
+    module = create_taps_module(tasks={"a": 3, "b": 4}, mode="incremental", budget=0.5, **TINY).train()
     module.lam_policy.controller.lam.update(a=0.3, b=1.7)
     batch = {t: (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])) for t in ("a", "b")}
     total = module.training_step(batch, 0)
@@ -413,7 +413,7 @@ def test_a_budget_run_adds_each_tasks_own_lambda_times_the_params_penalty():
 
 def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step():
     module, data = _budget_module()  # 3 batches an epoch
-    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    taps_trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
               accumulate_grad_batches=3).fit(module, data)
     assert module.lam_policy.controller.steps == 2 == module.trainer.global_step
@@ -423,11 +423,11 @@ def test_resuming_with_another_budget_is_refused(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     module, data = _budget_module()
-    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    taps_trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
     other, data = _budget_module(budget=0.5)
-    with pytest.raises(ValueError, match="budget=0.3 but this run has budget=0.5"):
-        L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+    with pytest.raises(ValueError, match="trained with budget=0.3, but this run has budget=0.5"):
+        taps_trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                   enable_model_summary=False).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
 
 

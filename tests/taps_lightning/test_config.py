@@ -26,8 +26,25 @@ def test_the_threshold_and_initial_score_are_kept_as_python_floats():
     (0.1, float("nan")), (0.1, float("inf")), (0.1, -float("inf")),
 ])
 def test_a_threshold_or_initial_score_that_is_not_finite_is_refused(threshold, score_init):
-    with pytest.raises(ValueError, match=r"threshold and score_init must be finite, got .+ and .+"):
+    flag = "threshold \\(tau\\) must be a finite number > 0" if threshold != 0.1 else "score_init must be a finite number"
+    with pytest.raises(ValueError, match=rf"--model.{flag}.*, got {score_init if threshold == 0.1 else threshold}$"):
         TapsConfig(threshold, score_init)
+
+
+@pytest.mark.parametrize("threshold", [0.0, -1.0, -1e-9])
+def test_a_threshold_at_or_below_zero_is_refused_in_the_library_too(threshold):
+    """tau <= 0 opens every gate for ever (scores are driven to 0, never below it): the core refuses
+    it as the command line does, for a library user's TapsConfig, TapsModel and create_taps_model."""
+    import timm
+
+    import taps_lightning as tl
+
+    with pytest.raises(tl.errors.SettingsError, match=rf"threshold \(tau\) must be a finite number > 0.*got {threshold}"):
+        TapsConfig(threshold)
+    with pytest.raises(tl.errors.SettingsError, match="threshold"):
+        tl.create_taps_model("test_resnet", {"a": 2}, threshold=threshold)
+    with pytest.raises(tl.errors.SettingsError, match="threshold"):
+        tl.TapsModel(timm.create_model("test_resnet", num_classes=0), tasks={"a": 2}, config=TapsConfig(threshold=threshold))
 
 
 def test_a_start_below_tau_is_allowed_and_only_warned_about_when_a_task_is_added():

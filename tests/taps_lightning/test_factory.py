@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from taps_lightning.models.factory import create_backbone, load_weights
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 
 def _trained_state() -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def test_weights_sha256_pins_the_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_trained_state(), str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    module = TapsModule(backbone="test_resnet", tasks={"a": 2}, weights=str(path), weights_sha256=digest)
+    module = create_taps_module(backbone="test_resnet", tasks={"a": 2}, weights=str(path), weights_sha256=digest)
     assert torch.equal(module.model.backbone.conv1[0].base_layer.weight, _trained_state()["conv1.0.weight"])
     with pytest.raises(ValueError, match=r"w.safetensors: SHA-256 differs from the expected 0{64}"):
-        TapsModule(backbone="test_resnet", tasks={"a": 2}, weights=str(path), weights_sha256="0" * 64)
+        create_taps_module(backbone="test_resnet", tasks={"a": 2}, weights=str(path), weights_sha256="0" * 64)

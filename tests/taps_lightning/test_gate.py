@@ -125,7 +125,7 @@ def test_generic_subclass_keeps_its_own_forward():
 
     conv = StdConv2d(3, 4, 3, padding=1).double()  # float64: the standardisation is no sum of products
     layer = single_task_layer(conv, TAU)
-    assert isinstance(layer, tl.TapsGeneric)
+    assert isinstance(layer, tl.TapsLayer)
     with torch.no_grad():
         layer.taps_delta["t"].normal_()
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)

@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import taps_lightning as tl
 from taps_lightning.core.gate import _dot
-from taps_lightning.training.lightning_module import TapsModule
-from tests.helpers import TinyTasks, assert_rounding_close, randomize_tasks, single_task_layer, tiny_resnet
+from taps_lightning.training.compose import create_taps_module
+from tests.helpers import TinyTasks, assert_rounding_close, randomize_tasks, single_task_layer, taps_trainer, tiny_resnet
 
 TAU = 0.1
 
@@ -127,7 +127,7 @@ def _trainer(tmp_path, steps: int, fp16_scale: float | None = None) -> L.Trainer
     bf16-mixed."""
     plugins = [] if fp16_scale is None else [
         MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=fp16_scale))]
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    return taps_trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      limit_val_batches=0, default_root_dir=tmp_path, plugins=plugins)
 
@@ -135,7 +135,7 @@ def _trainer(tmp_path, steps: int, fp16_scale: float | None = None) -> L.Trainer
 def test_lightning_16_mixed_skips_overflowing_steps_and_unscales_updates(tmp_path):
     def module():
         torch.manual_seed(0)
-        return TapsModule(tasks=data.num_classes, backbone="test_resnet", lr=0.05, momentum=0.0,
+        return create_taps_module(tasks=data.num_classes, backbone="test_resnet", lr=0.05, momentum=0.0,
                           sparsity_warmup_epochs=0, scheduler="none")
 
     data = TinyTasks.make()

@@ -1,7 +1,6 @@
 """TapsModule's public behaviour: constructor and fit-time refusals, the optimizer's parameter
 groups, a non-finite loss, the hyperparameters it keeps, the metrics it logs, and its costs."""
 import hashlib
-import inspect
 
 import pytest
 import timm
@@ -11,25 +10,25 @@ from torch import nn
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
 from taps_lightning.training.checks import SettingsError
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module, flag_defaults
 
 
 def test_bad_configuration_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="unknown mode 'jointt'; choose one of incremental, joint"):
-        TapsModule(tasks={"a": 2}, mode="jointt")
+        create_taps_module(tasks={"a": 2}, mode="jointt")
     with pytest.raises(ValueError, match="unknown backbone 'resnet5O'"):
-        TapsModule(backbone="resnet5O", tasks={"a": 2})
+        create_taps_module(backbone="resnet5O", tasks={"a": 2})
     with pytest.raises(ValueError, match="no tasks"):
-        TapsModule(backbone="test_resnet")
+        create_taps_module(backbone="test_resnet")
     data = TinyTasks.make()
-    module = TapsModule(tasks={"a": 4, "b": 7}, **TINY)  # b has 3 classes in the data
+    module = create_taps_module(tasks={"a": 4, "b": 7}, **TINY)  # b has 3 classes in the data
     with pytest.raises(ValueError, match=r"disagree with the data's \{'a': 4, 'b': 3\}"):
         _trainer(tmp_path).fit(module, data)
 
 
 def test_nan_loss_stops_with_step_and_task(tmp_path):
     data = TinyTasks.make(nan_task="b")
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0, global step 0, batch 0, task\(s\) \['b'\]"):
         _trainer(tmp_path).fit(module, data)
 
@@ -37,7 +36,7 @@ def test_nan_loss_stops_with_step_and_task(tmp_path):
 def test_scores_have_their_own_lr_and_no_weight_decay():
     """One plain SGD step (no momentum): ``s - score_lr * g`` for scores, ``p - lr * (g + wd * p)`` for the rest."""
     lr, score_lr, wd = 0.1, 0.3, 0.01
-    module = TapsModule(tasks={"a": 3}, mode="joint", **{**TINY, "lr": lr}, score_lr=score_lr, weight_decay=wd,
+    module = create_taps_module(tasks={"a": 3}, mode="joint", **{**TINY, "lr": lr}, score_lr=score_lr, weight_decay=wd,
                         momentum=0.0, scheduler="none")
     optimizer = module.configure_optimizers()
     params = dict(module.model.named_parameters())
@@ -62,33 +61,33 @@ def test_sha256_is_case_insensitive_and_checked(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256=digest.upper(), **TINY)
+    create_taps_module(tasks={"a": 3}, weights=str(weights), weights_sha256=digest.upper(), **TINY)
     with pytest.raises(ValueError, match="SHA-256 differs"):
-        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="0" * 64, **TINY)
+        create_taps_module(tasks={"a": 3}, weights=str(weights), weights_sha256="0" * 64, **TINY)
     with pytest.raises(ValueError, match="not a SHA-256 digest"):
-        TapsModule(tasks={"a": 3}, weights=str(weights), weights_sha256="abc", **TINY)
+        create_taps_module(tasks={"a": 3}, weights=str(weights), weights_sha256="abc", **TINY)
 
 
 def test_hparams_keep_every_argument_with_the_digest_as_sha256sum_prints_it(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    module = TapsModule(tasks={"a": 3}, **TINY, lam=0.3, weights=str(weights), weights_sha256=f" {digest.upper()}")
-    arguments = set(inspect.signature(TapsModule.__init__).parameters) - {"self"}
-    assert set(module.hparams) == arguments  # what a checkpoint records, and a resume compares
+    module = create_taps_module(tasks={"a": 3}, **TINY, lam=0.3, weights=str(weights), weights_sha256=f" {digest.upper()}")
+    assert set(module.hparams) == set(flag_defaults())  # every flag: what a checkpoint records, and a resume compares
     assert module.hparams["weights_sha256"] == digest
     assert (module.hparams["lam"], module.hparams["tasks"], module.hparams["mode"]) == (0.3, {"a": 3}, "incremental")
-    assert module.hparams["penalty"] == module.gate_settings.penalty == "layers"  # the paper's, without a budget
-    assert TapsModule(tasks={"a": 3}, **TINY, penalty="params").gate_settings.penalty == "params"
-    assert TapsModule(tasks={"a": 3}, **TINY, budget=0.2).gate_settings.penalty == "params"  # a budget's default
+    assert module.hparams["penalty"] is None  # as given (as LightningCLI records it); resolved in the settings:
+    assert module.gate_settings.penalty == "layers"  # the paper's, without a budget
+    assert create_taps_module(tasks={"a": 3}, **TINY, penalty="params").gate_settings.penalty == "params"
+    assert create_taps_module(tasks={"a": 3}, **TINY, budget=0.2).gate_settings.penalty == "params"  # a budget's default
 
 
 def test_an_unknown_mode_is_refused_first_and_an_unknown_scheduler_with_the_other_settings():
     with pytest.raises(ValueError, match="^--model.mode: unknown mode 'lora'; choose one of incremental, joint, memory_efficient, "
                                          "finetune, linear, joint_finetune, progressive$"):
-        TapsModule(mode="lora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
+        create_taps_module(mode="lora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
     with pytest.raises(SettingsError) as info:
-        TapsModule(tasks={"a": 3}, **{**TINY, "scheduler": "cos", "lr": -1.0})
+        create_taps_module(tasks={"a": 3}, **{**TINY, "scheduler": "cos", "lr": -1.0})
     assert str(info.value).split("\n  - ")[1:] == [
         "--model.lr must be a finite number > 0, got -1.0",
         "--model.scheduler must be one of cosine (per epoch), cosine_step (per optimizer step), none, got 'cos'"]
@@ -117,7 +116,7 @@ def test_task_cost_and_total_params_multiple_by_hand(mode):
     own = {"incremental": convs + norms, "joint": convs + norms, "memory_efficient": norms, "finetune": base,
            "linear": 0, "joint_finetune": 0}[mode]
     layers = {"incremental": 15, "joint": 15, "finetune": 15}.get(mode, 0)
-    module = TapsModule(tasks={"a": 3, "b": 5}, **TINY, mode=mode)
+    module = create_taps_module(tasks={"a": 3, "b": 5}, **TINY, mode=mode)
     for task, classes in (("a", 3), ("b", 5)):
         cost = module.task_cost(task)
         assert (cost["active_layers"], cost["gated_layers"], cost["base_params"]) == (layers, 15, base), task
@@ -130,7 +129,7 @@ def test_task_cost_and_total_params_multiple_by_hand(mode):
 @pytest.mark.parametrize("mode", ["linear", "incremental"])
 def test_the_metrics_logged_by_name_and_the_mean_accuracy(mode, tmp_path):
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY, mode=mode, recalibrate_batches=0)
+    module = create_taps_module(tasks=data.num_classes, **TINY, mode=mode, recalibrate_batches=0)
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(module, data)
     metrics = trainer.callback_metrics

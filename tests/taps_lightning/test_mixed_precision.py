@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from helpers import TINY, TinyTasks, assert_rounding_close, explicit_task_network, randomize_tasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
@@ -27,7 +27,7 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
 
     L.seed_everything(0)
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
+    module = create_taps_module(tasks=data.num_classes, mode="joint", **TINY)
     randomize_tasks(module.model)  # non-zero deltas: the score gradient has a cross-entropy part
     first = FirstStep()
     trainer = _trainer(tmp_path, precision="bf16-mixed", max_epochs=1, callbacks=[first])

@@ -11,10 +11,12 @@ import torch
 
 from helpers import explicit_task_network, randomize_tasks
 from taps_lightning.training.budget import FixedLambda
-from taps_lightning.training.modes import MODES, TAPS_MODES, create_mode
+from taps_lightning.errors import SettingsError
+from taps_lightning.training.compose import create_taps_module, flag_defaults
+from taps_lightning.training.modes import MODES, create_mode
 
 #: The settings the modes read (``TapsModule.hparams`` in a run).
-HP = dict(backbone="test_resnet", threshold=0.1, score_init=0.15, recompute_weight=True, lam=0.7,
+HP = dict(flag_defaults(), backbone="test_resnet", threshold=0.1, score_init=0.15, recompute_weight=True, lam=0.7,
           sparsity_warmup_epochs=0, joint_epochs=1, similarity_epochs=1, similarity_batches=8, adapter_rank=2,
           num_stages=2, adapter_schedule=None)
 
@@ -28,7 +30,7 @@ def _build(name, **hp):
 def test_the_modes_by_their_flag_names_and_which_learn_gates():
     assert list(MODES) == ["incremental", "joint", "memory_efficient", "finetune", "linear", "joint_finetune",
                            "progressive"]
-    assert TAPS_MODES == ("incremental", "joint", "memory_efficient")
+    assert all(MODES[name].name == name for name in MODES)  # each mode knows its flag value
     assert {name: create_mode(name, HP).learns_gates for name in MODES} == {
         "incremental": True, "joint": True, "memory_efficient": True,
         "finetune": False, "linear": False, "joint_finetune": False, "progressive": False}
@@ -142,8 +144,9 @@ def test_memory_efficient_costs_a_task_its_norms_and_head_in_the_joint_phase():
 
 
 def test_progressive_collects_task_gradients_in_the_last_warm_up_epoch_only():
-    with pytest.raises(ValueError, match=r"progressive mode needs similarity_epochs >= 1 \(the shared warm-up\)"):
-        create_mode("progressive", {**HP, "similarity_epochs": 0})
+    # a warm-up of 0 epochs is refused with the other settings, all at once (#31), not by the mode alone
+    with pytest.raises(SettingsError, match=r"(?s)--model.lr must be a finite number > 0.*--model.similarity_epochs must be >= 1, got 0"):
+        create_taps_module(backbone="test_resnet", tasks={"a": 2}, mode="progressive", similarity_epochs=0, lr=-1.0)
     mode = create_mode("progressive", {**HP, "similarity_epochs": 2, "similarity_batches": 3})
     ungrouped, grouped = types.SimpleNamespace(grouped=False), types.SimpleNamespace(grouped=True)
     collecting = [(epoch, batch) for epoch in range(4) for batch in range(5)

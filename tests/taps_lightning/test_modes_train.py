@@ -14,7 +14,8 @@ from torch import nn
 from helpers import TINY, TinyTasks, assert_rounding_close, randomize_tasks
 from helpers import cpu_trainer as _trainer
 from taps_lightning import gate_states
-from taps_lightning.training.lightning_module import MODES, TapsModule
+from taps_lightning.training.modes import MODES
+from taps_lightning.training.compose import create_taps_module
 
 
 def base_changed_keys(changed):
@@ -29,7 +30,7 @@ def _snapshot(module):
 def test_every_mode_trains_the_right_weights(mode, tmp_path):
     L.seed_everything(0)
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, mode=mode, joint_epochs=1, **TINY)
+    module = create_taps_module(tasks=data.num_classes, mode=mode, joint_epochs=1, **TINY)
     before = _snapshot(module)
 
     class FirstEpoch(L.Callback):
@@ -46,7 +47,7 @@ def test_every_mode_trains_the_right_weights(mode, tmp_path):
     changed_params = changed & {f"model.{n}" for n, _ in module.model.named_parameters()}
     if mode == "progressive":  # frozen backbone, adapters trained, tasks grouped after the warm-up epoch
         assert not base_changed_keys(changed) and any(".lora_B." in k for k in changed)
-        assert module.model.grouped and module.grouping_epoch == 0
+        assert module.model.grouped and module.mode.grouping_epoch == 0
     metrics = trainer.callback_metrics
     assert {"val/a/acc", "val/b/acc", "val/acc", "train/loss"} <= set(metrics)
     assert any(k.startswith("model.heads.a.") for k in changed) and any(k.startswith("model.heads.b.") for k in changed)
@@ -107,7 +108,7 @@ def test_training_step_score_gradient_is_ste_plus_weighted_penalty():
     """One training step: ``dL/ds = <dCE/dw, delta> + lam/L * sign(s)`` for every layer of every task."""
     lam = 0.7
     torch.manual_seed(0)
-    module = TapsModule(tasks={"a": 3, "b": 4}, mode="incremental", lam=lam, **TINY).double().train()
+    module = create_taps_module(tasks={"a": 3, "b": 4}, mode="incremental", lam=lam, **TINY).double().train()
     plain = timm.create_model("test_resnet", num_classes=0)
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in plain.modules())
     assert n_layers == len(module.model.gated_names)
@@ -137,7 +138,7 @@ def test_more_lambda_switches_more_layers_off(tmp_path):
     def active_layers(lam):
         L.seed_everything(0)
         data = TinyTasks.make()
-        module = TapsModule(tasks=data.num_classes, mode="incremental", lam=lam, **TINY)
+        module = create_taps_module(tasks=data.num_classes, mode="incremental", lam=lam, **TINY)
         _trainer(tmp_path, limit_val_batches=0).fit(module, data)
         return sum(sum(gate_states(module.model, task).values()) for task in module.tasks)
 
@@ -149,7 +150,7 @@ def test_sparsity_warmup_delays_the_penalty(tmp_path):
     """The training loss itself: cross-entropy alone in the warm-up epoch, cross-entropy plus
     lambda x mean |score| per task after it, against the model and batch of that step by hand."""
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **{**TINY, "sparsity_warmup_epochs": 1}, lam=0.7)
+    module = create_taps_module(tasks=data.num_classes, **{**TINY, "sparsity_warmup_epochs": 1}, lam=0.7)
     seen = []
 
     class Spy(L.Callback):

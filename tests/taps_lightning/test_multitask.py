@@ -178,7 +178,7 @@ def test_norm_and_head_params_and_total_params_multiple_by_hand():
 
 def test_a_model_without_gates_has_nothing_to_show_or_export():
     model = _Toy({"a": 2})
-    assert not model.can_export and not model.selects_layers
+    assert not model.can_export and not model.learns_gates
     assert list(model.score_parameters()) == []
     assert model.regularizer("a") is None and model.gate_tensor("a") is None
     assert model.layer_selection() is None and model.sharing() == {}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import taps_lightning as tl
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 from tests.helpers import assert_rounding_close
 from taps_lightning.models.progressive import (ProgressiveAdapterModel, assign_stages, cosine_similarity_matrix,
                                         default_schedule, group_tasks)
@@ -72,7 +72,7 @@ def test_zero_initialised_adapters_keep_the_backbone_output():
 
 def test_identical_tasks_have_similarity_one_and_share_an_adapter():
     torch.manual_seed(0)
-    module = TapsModule(backbone="test_resnet", tasks={"a": 3, "b": 3, "c": 3}, mode="progressive",
+    module = create_taps_module(backbone="test_resnet", tasks={"a": 3, "b": 3, "c": 3}, mode="progressive",
                         adapter_rank=2, num_stages=2, adapter_schedule=[2, 3])
     model = module.model
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from callbacks import ResultsReport, TaskSimilarityLogger
-    from helpers import TinyTasks
+    from helpers import TinyTasks, taps_trainer
 
     class WarmUpBatches(L.Callback):  # the model and batch of each step whose gradients measure similarity
         def __init__(self):
@@ -138,11 +138,11 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
 
     L.seed_everything(0)
     data = TinyTasks.make(tasks=("a", "b", "c"), classes=(4, 3, 4))
-    module = TapsModule(backbone="test_resnet", tasks=data.num_classes, mode="progressive", adapter_rank=2,
+    module = create_taps_module(backbone="test_resnet", tasks=data.num_classes, mode="progressive", adapter_rank=2,
                         num_stages=3, similarity_epochs=1, similarity_batches=2, lr=0.05)
     logger = TensorBoardLogger(tmp_path, name="p")
     report_cb, warm_up = ResultsReport(), WarmUpBatches()
-    L.Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+    taps_trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
               num_sanity_val_steps=0, enable_checkpointing=False,
               callbacks=[TaskSimilarityLogger(), report_cb, warm_up]).fit(module, data)
     model = module.model
@@ -164,7 +164,7 @@ def test_progressive_trains_groups_and_logs_similarity(tmp_path):
         v = [summed[t] for t in model.tasks]
         expected = torch.tensor([[float(a @ b / (a.norm() * b.norm())) for b in v] for a in v], dtype=torch.float64)
         tolerance = (2 * len(v[0]) + 4) * torch.finfo(torch.float32).eps / 2 + 1e-5
-        torch.testing.assert_close(module.similarity[stage].double(), expected, atol=tolerance, rtol=0)
+        torch.testing.assert_close(module.mode.similarity[stage].double(), expected, atol=tolerance, rtol=0)
         if stage == 1:  # two groups of three tasks: the most similar pair shares the adapter
             pairs = sorted(float(expected[i, j]) for i in range(3) for j in range(i))
             assert pairs[-1] - pairs[-2] > 2 * tolerance  # no near tie: rounding cannot change the grouping

@@ -159,18 +159,19 @@ def test_progressive_adapters_recalibrate_their_task_norms():
 # -- in training: TapsModule ---------------------------------------------------------------------
 import lightning as L  # noqa: E402
 
-from helpers import TinyTasks, randomize_tasks  # noqa: E402
-from taps_lightning.training.lightning_module import TapsModule  # noqa: E402
+from helpers import TinyTasks, randomize_tasks, taps_trainer  # noqa: E402
+from callbacks import NormRecalibration  # noqa: E402
+from taps_lightning.training.compose import create_taps_module  # noqa: E402
 
 
 def _fit(max_epochs=2, callbacks=(), data=None, trainer_kw=None, prepare=None, **kw):
     L.seed_everything(0)
     data = data or TinyTasks.make(n=24)
-    module = TapsModule(tasks=data.num_classes, **{"backbone": "test_resnet", "lr": 0.05,
+    module = create_taps_module(tasks=data.num_classes, **{"backbone": "test_resnet", "lr": 0.05,
                                                    "sparsity_warmup_epochs": 0, **kw})
     if prepare is not None:
         prepare(module)
-    L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+    taps_trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
               callbacks=list(callbacks), **(trainer_kw or {})).fit(module, data)
     return module
@@ -188,7 +189,8 @@ def test_recalibration_leaves_the_training_trajectory_bit_identical():
     # and it did something: the statistics differ, and were computed on 2 batches of 8 images per task
     a, b = without.model.task_batchnorms("a")[0], with_it.model.task_batchnorms("a")[0]
     assert not torch.equal(a.running_mean, b.running_mean)
-    assert with_it.recalibrated_images == {"a": 16, "b": 16} and without.recalibrated_images == {}
+    images = {name: NormRecalibration.of(m.trainer).images for name, m in (("with", with_it), ("without", without))}
+    assert images == {"with": {"a": 16, "b": 16}, "without": {}}
 
 
 class _StatsAtValidation(L.Callback):
@@ -202,12 +204,12 @@ class _StatsAtValidation(L.Callback):
         model, dm = pl_module.model, trainer.datamodule
         for task in pl_module.tasks:
             fresh = copy.deepcopy(model)
-            loader = dm.norm_dataloader(task, pl_module.recalibrate_batches)
+            loader = dm.norm_dataloader(task, pl_module.evaluation_settings.recalibrate_batches)
             tl.recalibrate_norms(fresh, task, [x for x, _ in loader])
             self.seen.append((trainer.current_epoch, task, model.gate_states(task),
                               [m.running_var.clone() for m in model.task_batchnorms(task)],
                               [m.running_var.clone() for m in fresh.task_batchnorms(task)],
-                              pl_module.within_budget()))
+                              pl_module.lam_policy.within(pl_module.task_fractions())))
 
 
 def test_budget_enforcement_comes_before_recalibration_before_validation():
@@ -230,9 +232,9 @@ def test_recalibration_before_test_and_in_the_report(tmp_path):
 
     L.seed_everything(0)
     data = TinyTasks.make(n=24)
-    module = TapsModule(tasks=data.num_classes, backbone="test_resnet", recalibrate_batches=1)
+    module = create_taps_module(tasks=data.num_classes, backbone="test_resnet", recalibrate_batches=1)
     report = ResultsReport()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = taps_trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=[report])
     norm = module.model.task_batchnorms("b")[0]
     before = norm.running_mean.clone()
@@ -241,8 +243,8 @@ def test_recalibration_before_test_and_in_the_report(tmp_path):
     text = report.path.read_text()
     assert "re-estimated for these weights on 8 training images per task" in text
     assert [r["norm_images"] for r in report.rows[:-1]] == [8, 8]
-    module.recalibrate_batches = 0
-    module._norms_fresh = False
+    trainer = taps_trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                           default_root_dir=tmp_path, callbacks=[report], recalibrate_batches=0)
     trainer.test(module, data, verbose=False)
     assert "not re-estimated" in report.path.read_text()
 
@@ -309,7 +311,7 @@ def test_ddp_ranks_end_with_identical_statistics(tmp_path):
     # one process, all batches
     L.seed_everything(0)
     data = TinyTasks.make(n=24, batch_size=8)
-    module = TapsModule(backbone="test_resnet", tasks=data.num_classes, recalibrate_batches=3)
+    module = create_taps_module(backbone="test_resnet", tasks=data.num_classes, recalibrate_batches=3)
     data.setup("validate")
     for task in module.tasks:
         tl.recalibrate_norms(module.model, task, [x for x, _ in data.norm_dataloader(task, 3)])

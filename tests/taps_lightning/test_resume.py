@@ -6,7 +6,7 @@ import torch
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -19,7 +19,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     def run(ckpt_path=None, folder="a", interrupt=False):
         L.seed_everything(0)
         data = TinyTasks.make(n=32)
-        module = TapsModule(tasks=data.num_classes, mode="joint", **TINY)
+        module = create_taps_module(tasks=data.num_classes, mode="joint", **TINY)
         callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)] + ([Interrupt()] if interrupt else [])
         trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=callbacks)
         trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -42,10 +42,10 @@ def test_checkpoint_from_another_setup_is_refused(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     _trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
              callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
-    other = TapsModule(tasks=data.num_classes, **{**TINY, "backbone": "test_efficientnet"})
+    other = create_taps_module(tasks=data.num_classes, **{**TINY, "backbone": "test_efficientnet"})
     with pytest.raises(ValueError, match="checkpoint was trained with backbone='test_resnet'.*test_efficientnet"):
         _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
 
@@ -65,7 +65,7 @@ def test_a_resume_trains_with_the_optimizer_flags_it_was_resumed_with(tmp_path, 
 
     def run(epochs, ckpt_path=None, **flags):
         data = TinyTasks.make(n=16)
-        module = TapsModule(tasks=data.num_classes, scheduler=scheduler, cosine_epochs=2, **{**TINY, **flags})
+        module = create_taps_module(tasks=data.num_classes, scheduler=scheduler, cosine_epochs=2, **{**TINY, **flags})
         trainer = _trainer(tmp_path, max_epochs=epochs, enable_checkpointing=True,
                            callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), Groups()])
         trainer.fit(module, data, ckpt_path=ckpt_path)

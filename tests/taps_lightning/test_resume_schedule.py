@@ -5,8 +5,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import TinyTasks
-from taps_lightning.training.lightning_module import TapsModule
+from helpers import TinyTasks, taps_trainer
+from taps_lightning.training.compose import create_taps_module
 from taps_lightning.training.schedules import cosine_restart
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
@@ -25,9 +25,9 @@ class _Rates(L.Callback):
 def _run(tmp_path, folder, max_epochs, ckpt_path=None, **model):
     L.seed_everything(0)
     data = TinyTasks.make(n=32)
-    module = TapsModule(tasks=data.num_classes, mode="joint", **{**TINY, **model})
+    module = create_taps_module(tasks=data.num_classes, mode="joint", **{**TINY, **model})
     rates = _Rates()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+    trainer = taps_trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
                         default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=tmp_path / folder, save_last=True),
                                                              rates])

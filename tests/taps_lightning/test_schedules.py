@@ -9,7 +9,7 @@ import torch
 
 from helpers import TINY, TinyTasks
 from helpers import cpu_trainer as _trainer
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_memory_efficient_cosine_restarts_at_full_rate_when_the_taps_phase_start
     import math
 
     data = TinyTasks.make(n=24, batch_size=8)
-    module = TapsModule(tasks=data.num_classes, mode="memory_efficient", joint_epochs=2, scheduler=scheduler,
+    module = create_taps_module(tasks=data.num_classes, mode="memory_efficient", joint_epochs=2, scheduler=scheduler,
                         **{**TINY, "lr": 0.2}, score_lr=0.3)
     seen = []
 
@@ -80,7 +80,7 @@ def test_authors_recipe_preset_step_equals_their_loop(tmp_path):
             "score_lr", "scheduler", "cosine_epochs")
     data = TinyTasks.make(tasks=("a",), classes=(4,), n=64, batch_size=4)
     L.seed_everything(0)
-    module = TapsModule(backbone="test_resnet", tasks=data.num_classes, mode="incremental",
+    module = create_taps_module(backbone="test_resnet", tasks=data.num_classes, mode="incremental",
                         **{k: model_cfg[k] for k in keys}, sparsity_warmup_epochs=0)  # penalty on from the start
     theirs = copy.deepcopy(module.model)
     initial = {n: p.detach().clone() for n, p in theirs.named_parameters()}
@@ -117,7 +117,7 @@ def test_per_epoch_cosine_is_their_cosine_annealing(tmp_path):
     """``scheduler cosine`` + ``cosine_epochs`` = torch's CosineAnnealingLR(T_max) stepped once per
     epoch, run one epoch past T_max as the authors do (that epoch at lr 0)."""
     data = TinyTasks.make(tasks=("a",), classes=(4,), n=8, batch_size=4)
-    module = TapsModule(tasks=data.num_classes, **TINY, scheduler="cosine", cosine_epochs=3)
+    module = create_taps_module(tasks=data.num_classes, **TINY, scheduler="cosine", cosine_epochs=3)
     seen = []
 
     class Spy(L.Callback):
@@ -134,6 +134,6 @@ def test_per_epoch_cosine_is_their_cosine_annealing(tmp_path):
         annealing.step()
     assert seen == pytest.approx(expected, abs=1e-12) and seen[-1] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match=r"--model.cosine_epochs must be an integer >= 1 .*got 0"):
-        TapsModule(tasks=data.num_classes, **TINY, cosine_epochs=0)
+        create_taps_module(tasks=data.num_classes, **TINY, cosine_epochs=0)
     with pytest.raises(ValueError, match=r"--model.penalty_divisor must be > 0 .*got -52"):
-        TapsModule(tasks=data.num_classes, **TINY, penalty_divisor=-52)
+        create_taps_module(tasks=data.num_classes, **TINY, penalty_divisor=-52)

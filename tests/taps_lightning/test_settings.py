@@ -2,7 +2,6 @@
 settings that would make a run meaningless are refused before any compute, every problem at once,
 each naming the flag, the value given and what to set instead."""
 import dataclasses
-import inspect
 
 import pytest
 import torch
@@ -11,7 +10,12 @@ from helpers import TINY
 from taps_lightning.training.checks import SettingsError
 from taps_lightning.training.settings import (EvaluationSettings, GateSettings, ModeSettings, OptimizerSettings,
                                      check_settings)
-from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.compose import create_taps_module, flag_defaults
+
+
+def settings_of(cls, **flags):
+    """A settings group of the default flags with ``flags`` changed (the defaults are the composition root's)."""
+    return cls.of({**flag_defaults(), **flags})
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -29,12 +33,12 @@ from taps_lightning.training.lightning_module import TapsModule
 ])
 def test_meaningless_settings_are_refused_with_the_flag(settings, message):
     with pytest.raises(ValueError, match=message):
-        TapsModule(tasks={"a": 3}, **{**TINY, **settings})
+        create_taps_module(tasks={"a": 3}, **{**TINY, **settings})
 
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ValueError) as info:
-        TapsModule(tasks={"a": 3}, **{**TINY, "lam": -1.0, "lr": -1.0})
+        create_taps_module(tasks={"a": 3}, **{**TINY, "lam": -1.0, "lr": -1.0})
     assert "--model.lam" in str(info.value) and "--model.lr" in str(info.value)
 
 
@@ -47,7 +51,7 @@ GOOD = dict(lam=0.5, threshold=0.1, score_init=0.15, lr=0.01, momentum=0.9, weig
 
 
 def _check(taps: bool = True, **settings) -> None:
-    hparams = {**GOOD, **settings}
+    hparams = {**flag_defaults(), **GOOD, **settings}
     check_settings(*(group.of(hparams) for group in GROUPS), learns_gates=taps)
 
 
@@ -74,15 +78,17 @@ def test_every_setting_of_the_module_belongs_to_exactly_one_group_or_is_the_netw
         for f in dataclasses.fields(group):
             owners.setdefault(f.name, []).append(group.__name__)
     assert all(len(groups) == 1 for name, groups in owners.items() if name != "backbone"), owners
-    arguments = set(inspect.signature(TapsModule.__init__).parameters) - {"self"}
+    arguments = set(flag_defaults())
     network = {"backbone", "tasks", "mode", "pretrained", "weights", "weights_sha256", "timm_kwargs"}
     assert arguments - network == set(owners) - {"backbone"}
 
 
 def test_a_group_takes_its_own_fields_from_the_hyper_parameters_and_ignores_the_rest():
-    opt = OptimizerSettings.of({"lr": 0.2, "score_lr": None, "lam": 3.0, "tasks": {"a": 1}})
-    assert (opt.lr, opt.scores_lr, opt.momentum) == (0.2, 0.2, 0.9)  # missing fields keep their defaults
-    assert OptimizerSettings.of({"lr": 0.2, "score_lr": 0.5}).scores_lr == 0.5
+    opt = OptimizerSettings.of({**flag_defaults(), "lr": 0.2, "score_lr": None, "lam": 3.0, "tasks": {"a": 1}})
+    assert (opt.lr, opt.scores_lr, opt.momentum) == (0.2, 0.2, 0.9)  # the other flags' defaults
+    with pytest.raises(TypeError, match=r"OptimizerSettings.of: no value for \['momentum'"):
+        OptimizerSettings.of({"lr": 0.2, "score_lr": None, "nesterov": False})  # the defaults are the root's alone
+    assert OptimizerSettings.of({**flag_defaults(), "lr": 0.2, "score_lr": 0.5}).scores_lr == 0.5
 
 
 @pytest.mark.parametrize("settings, flag, rule", [
@@ -125,7 +131,7 @@ def test_every_problem_is_one_line_in_the_order_of_the_flags():
 # -- what the groups are ------------------------------------------------------------------------------
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)
 def test_a_group_is_frozen_once_built(group):
-    settings = group()
+    settings = settings_of(group)
     for f in dataclasses.fields(group):
         before = getattr(settings, f.name)
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -135,20 +141,20 @@ def test_a_group_is_frozen_once_built(group):
 
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)
 def test_the_defaults_of_every_group_pass_its_own_checks(group):
-    assert group().problems(learns_gates=True) == [] and group().problems(learns_gates=False) == []
+    assert settings_of(group).problems(learns_gates=True) == [] and settings_of(group).problems(learns_gates=False) == []
 
 
 def test_the_scores_train_at_the_learning_rate_unless_they_have_their_own():
-    assert OptimizerSettings(lr=0.3).scores_lr == 0.3
-    assert OptimizerSettings(lr=0.3, score_lr=None).scores_lr == 0.3
-    assert OptimizerSettings(lr=0.3, score_lr=0.7).scores_lr == 0.7
-    assert OptimizerSettings(lr=0.3, score_lr=1e-6).scores_lr == 1e-6  # a small rate is a rate, not "unset"
+    assert settings_of(OptimizerSettings, lr=0.3).scores_lr == 0.3
+    assert settings_of(OptimizerSettings, lr=0.3, score_lr=None).scores_lr == 0.3
+    assert settings_of(OptimizerSettings, lr=0.3, score_lr=0.7).scores_lr == 0.7
+    assert settings_of(OptimizerSettings, lr=0.3, score_lr=1e-6).scores_lr == 1e-6  # a small rate is a rate, not "unset"
 
 
 def test_nesterov_reaches_sgd_only_with_momentum_which_torch_requires():
-    assert OptimizerSettings(nesterov=True, momentum=0.9).sgd_nesterov is True
-    assert OptimizerSettings(nesterov=False, momentum=0.9).sgd_nesterov is False
-    off = OptimizerSettings(nesterov=True, momentum=0.0)
+    assert settings_of(OptimizerSettings, nesterov=True, momentum=0.9).sgd_nesterov is True
+    assert settings_of(OptimizerSettings, nesterov=False, momentum=0.9).sgd_nesterov is False
+    off = settings_of(OptimizerSettings, nesterov=True, momentum=0.0)
     assert off.sgd_nesterov is False
     with pytest.raises(ValueError, match="Nesterov momentum requires a momentum"):
         torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.0, nesterov=True)
@@ -193,7 +199,7 @@ def test_a_value_just_outside_its_range_is_one_problem_naming_its_flag(settings)
 def test_a_mode_without_gates_skips_only_the_gate_rules():
     gate_rules = dict(lam=-1.0, threshold=0.0, score_init=float("nan"))
     others = dict(lr=0.0, momentum=1.0, num_stages=0, penalty="sum", budget_rate=0.0, recalibrate_batches=-1)
-    hparams = {**GOOD, **gate_rules, **others}
+    hparams = {**flag_defaults(), **GOOD, **gate_rules, **others}
     flags = {group.__name__: [p.split(" ")[0] for p in group.of(hparams).problems(learns_gates=False)]
              for group in GROUPS}
     assert flags == {"OptimizerSettings": ["--model.lr", "--model.momentum"], "ModeSettings": ["--model.num_stages"],
@@ -205,5 +211,5 @@ def test_a_mode_without_gates_skips_only_the_gate_rules():
 
 
 def test_a_start_below_tau_is_a_problem_only_for_a_mode_with_gates():
-    assert ModeSettings(threshold=0.5, score_init=0.1).problems(learns_gates=False) == []
-    assert len(ModeSettings(threshold=0.5, score_init=0.1).problems(learns_gates=True)) == 1
+    assert settings_of(ModeSettings, threshold=0.5, score_init=0.1).problems(learns_gates=False) == []
+    assert len(settings_of(ModeSettings, threshold=0.5, score_init=0.1).problems(learns_gates=True)) == 1

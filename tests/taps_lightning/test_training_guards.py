@@ -6,8 +6,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers import TinyTasks
-from taps_lightning.training.lightning_module import TapsModule
+from helpers import TinyTasks, taps_trainer
+from taps_lightning.training.compose import create_taps_module
 
 TINY = dict(backbone="test_resnet", lr=0.05, sparsity_warmup_epochs=0)
 
@@ -17,7 +17,7 @@ def _trainer(tmp_path, **kw):
                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                 default_root_dir=tmp_path)
     args.update(kw)
-    return L.Trainer(**args)
+    return taps_trainer(**args)
 
 
 @pytest.mark.parametrize("mode", ["linear", "finetune", "joint_finetune", "progressive"])
@@ -31,13 +31,13 @@ def test_baselines_ignore_gate_settings(mode):
 
     gates = dict(threshold=0.2, score_init=0.15, lam=3.0)
     with pytest.raises(ValueError, match=r"--model.score_init 0.15 < --model.threshold 0.2"):
-        TapsModule(tasks={"a": 3}, **{**TINY, "mode": "incremental", **gates})  # where gates exist: refused
+        create_taps_module(tasks={"a": 3}, **{**TINY, "mode": "incremental", **gates})  # where gates exist: refused
     tasks = {"a": 3, "b": 4}
     torch.manual_seed(0)
-    odd = TapsModule(tasks=tasks, **{**TINY, "mode": mode, **gates}).train()
+    odd = create_taps_module(tasks=tasks, **{**TINY, "mode": mode, **gates}).train()
     torch.manual_seed(0)
-    plain = TapsModule(tasks=tasks, **{**TINY, "mode": mode}).train()
-    assert not odd.is_taps and odd.task_lam("a") is None and not odd.mode.penalty_active(10)
+    plain = create_taps_module(tasks=tasks, **{**TINY, "mode": mode}).train()
+    assert not odd.mode.learns_gates and odd.task_lam("a") is None and not odd.mode.penalty_active(10)
     assert not any(isinstance(m, TapsLayer) for m in odd.modules())
     a, b = odd.state_dict(), plain.state_dict()
     assert a.keys() == b.keys()
@@ -55,7 +55,7 @@ def test_baselines_ignore_gate_settings(mode):
 
 def test_endless_run_with_a_cosine_schedule_says_what_to_set(tmp_path):
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     with pytest.raises(ValueError, match=r"cosine schedule needs a finite run.*--trainer.max_epochs N.*"
                                          r"--model.scheduler none"):
         _trainer(tmp_path, max_epochs=-1).fit(module, data)
@@ -63,11 +63,11 @@ def test_endless_run_with_a_cosine_schedule_says_what_to_set(tmp_path):
 
 def test_resume_with_another_threshold_is_refused(tmp_path):
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     _trainer(tmp_path, max_epochs=1, enable_checkpointing=True,
              callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]).fit(module, data)
-    other = TapsModule(tasks=data.num_classes, **{**TINY, "threshold": 0.12})
-    with pytest.raises(ValueError, match=r"checkpoint was trained with threshold=0.1 but this run has threshold=0.12"):
+    other = create_taps_module(tasks=data.num_classes, **{**TINY, "threshold": 0.12})
+    with pytest.raises(ValueError, match=r"checkpoint was trained with threshold=0.1, but this run has threshold=0.12"):
         _trainer(tmp_path, max_epochs=2).fit(other, data, ckpt_path=str(tmp_path / "last.ckpt"))
 
 
@@ -87,7 +87,7 @@ class _BlowUpHead(L.Callback):
 
 def test_non_finite_validation_stops_the_run_and_keeps_no_such_checkpoint(tmp_path):
     data = TinyTasks.make()
-    module = TapsModule(tasks=data.num_classes, **TINY)
+    module = create_taps_module(tasks=data.num_classes, **TINY)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, monitor="val/acc", mode="max",
                            filename="best-{epoch:02d}", auto_insert_metric_name=False)
     trainer = _trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[ckpt, _BlowUpHead(epoch=1)])

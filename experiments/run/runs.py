@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "RUN_VERSION_ENV"]
+__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint",
+           "RUN_VERSION_ENV"]
 
 #: Set by rank 0 for the DDP worker processes Lightning starts, so they log to the same folder.
 RUN_VERSION_ENV = "TAPS_RUN_VERSION"
@@ -134,3 +135,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise SystemExit(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict); "
                          "give a .ckpt written by experiments.fit")
     return checkpoint
+
+
+def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
+    """Newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` and its version number."""
+    candidates = sorted(Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(
+            f"--ckpt_path last: no last.ckpt under {Path(save_dir, name)}/version_*/checkpoints/. "
+            "Train first, pass the path of a .ckpt, or use the same --trainer.logger.init_args.name as the run to resume."
+        )
+    path = candidates[-1]
+    version = int(re.sub(r"\D", "", path.parent.parent.name) or 0)
+    return path, version

@@ -6,7 +6,6 @@ flags, defaults and ``--config`` files) and the trained tasks to use, from a che
 from __future__ import annotations
 
 import glob
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,15 +14,17 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
-from taps_lightning.training.lightning_module import TAPS_MODES, TapsModule
+from taps_lightning.training.compose import create_taps_module, flag_defaults
+from taps_lightning.training.lightning_module import TapsModule
+from taps_lightning.training.modes import mode_class
 
-from .fit import TapsCLI
+from .cli import TapsCLI
 from .runs import read_checkpoint
 
 __all__ = ["TrainedCLI", "TrainedTasks", "expand_paths"]
 
-#: ``TapsModule`` arguments a checkpoint's hyper-parameters set (the tasks come from the checkpoint itself).
-_MODULE_ARGS = set(inspect.signature(TapsModule.__init__).parameters) - {"self", "tasks"}
+#: ``--model`` flags a checkpoint's hyper-parameters set (the tasks come from the checkpoint itself).
+_MODULE_ARGS = set(flag_defaults()) - {"tasks"}
 
 
 def expand_paths(patterns: Sequence[str], suffixes: Sequence[str], flag: str) -> list[Path]:
@@ -104,7 +105,7 @@ class TrainedTasks:
             for key in _MODULE_ARGS & self.hparams.keys():
                 model_cfg[key] = self.hparams[key]
             model_cfg.pretrained, model_cfg.weights, model_cfg.weights_sha256 = False, None, None
-        elif model_cfg.mode not in TAPS_MODES:
+        elif not mode_class(model_cfg.mode).learns_gates:
             raise SystemExit(f"--tasks_from loads TAPS task files, but --model.mode is {model_cfg.mode!r}; "
                              "use the default (incremental), or --ckpt_path for a baseline or progressive run")
         if model_cfg.mode == "memory_efficient":
@@ -135,7 +136,7 @@ class TrainedTasks:
     def build_module(self, model_cfg) -> TapsModule:
         """A ``TapsModule`` holding the trained tasks, in eval mode (for use outside a Trainer)."""
         kwargs = {k: v for k, v in model_cfg.as_dict().items() if k in _MODULE_ARGS}
-        module = TapsModule(**kwargs, tasks=self.num_classes)
+        module = create_taps_module(**kwargs, tasks=self.num_classes)
         if self.checkpoint is not None:
             module.load_state_dict(read_checkpoint(self.checkpoint)["state_dict"])
         else:

@@ -31,6 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .runs import find_last_checkpoint
+
 __all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "resume_command", "BesideTargetCheckpointIO",
            "use_beside_target_checkpoint_io"]
 
@@ -82,8 +84,6 @@ def _saved_state(path: Path | None) -> dict[str, Any] | None:
 
 def preemption_report(cli, args: Sequence[str]) -> str:
     """What was saved when SIGTERM stopped ``cli``'s trainer, and the command that continues."""
-    from .fit import find_last_checkpoint
-
     trainer = cli.trainer
     stage = getattr(trainer.state.fn, "value", trainer.state.fn)
     last = _last_checkpoint_path(trainer)
