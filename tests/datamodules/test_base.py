@@ -1,13 +1,17 @@
 """``MultiTaskDataModule`` (datamodules/base.py): the loader the BatchNorm statistics are
 re-estimated on, its size in training batches and its own fixed permutation."""
 import csv
+import json
 
 import lightning as L
 import pytest
 import torch
 
 from callbacks import ResultsReport
+from datamodules import DataLayoutError, DomainNet, ImageFolderTasks, VisualDecathlon
+from datamodules.base import _unrepeated_sampler
 from helpers import TINY, TinyTasks
+from layouts import _decathlon, _folder_tree
 from taps_lightning.training.lightning_module import TapsModule
 
 
@@ -60,3 +64,57 @@ def test_norm_permutation_is_fixed_and_leaves_the_global_rng_alone():
     # and not simply the first images in order: a permutation of the 40
     flat = [i for b in first for i in b]
     assert flat != list(range(12)) and len(set(flat)) == 12
+
+
+def test_joint_batches_are_tagged_by_task(tmp_path):
+    _folder_tree(tmp_path)
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batch, _, _ = next(iter(loader))
+    assert set(batch) == {"cars", "flowers"}
+    x, y = batch["cars"]
+    assert x.shape == (2, 3, 8, 8) and y.dtype == torch.int64
+    assert [len(d) for d in dm.val_dataloader()] == [3, 3]
+
+
+def test_smaller_tasks_cycle_within_the_largest_tasks_epoch(tmp_path):
+    _folder_tree(tmp_path, tasks=("flowers",), classes=3, per_class=4)  # 12 training images: 6 batches of 2
+    _folder_tree(tmp_path, tasks=("cars",), classes=2, per_class=2)  # 4 images: 2 batches, cycled 3 times
+    dm = ImageFolderTasks(str(tmp_path), image_size=8, num_workers=0, batch_size=2)
+    dm.setup("fit")
+    batches = [batch for batch, _, _ in dm.train_dataloader()]
+    assert len(batches) == 6
+    assert all(set(b) == {"cars", "flowers"} and len(b["cars"][1]) == len(b["flowers"][1]) == 2 for b in batches)
+    for start in (0, 2, 4):  # each pass over cars holds all of its images once
+        labels = torch.cat([b["cars"][1] for b in batches[start:start + 2]])
+        assert sorted(labels.tolist()) == [0, 0, 1, 1]
+    flowers = torch.cat([b["flowers"][1] for b in batches])
+    assert sorted(flowers.tolist()) == [0] * 4 + [1] * 4 + [2] * 4  # the largest task, once
+
+
+def test_eval_sharding_covers_every_sample_once(tmp_path, monkeypatch):
+    dataset = list(range(11))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, r=rank: r)
+        seen += list(_unrepeated_sampler(dataset))
+    assert sorted(seen) == dataset
+
+
+def test_empty_splits_of_every_benchmark_are_refused(tmp_path):
+    _decathlon(tmp_path / "decathlon")
+    train = tmp_path / "decathlon/annotations/vgg-flowers_train.json"
+    train.write_text(json.dumps({**json.loads(train.read_text()), "images": [], "annotations": []}))
+    with pytest.raises(DataLayoutError, match="vgg-flowers_train.json: lists no images"):
+        VisualDecathlon(str(tmp_path / "decathlon"), tasks=["vgg-flowers"], num_workers=0).setup("fit")
+    (tmp_path / "domainnet").mkdir()
+    (tmp_path / "domainnet/clipart_train.txt").write_text("\n")
+    with pytest.raises(DataLayoutError, match="clipart_train.txt: no samples"):
+        DomainNet(str(tmp_path / "domainnet"), tasks=["clipart"], num_workers=0).setup("fit")
+    from tests.helpers import TinyTasks
+
+    with pytest.raises(DataLayoutError, match="task 'a' has no train samples"):  # any other DataModule
+        TinyTasks.make(n=0).setup("fit")

@@ -1,11 +1,13 @@
-"""``VisualDecathlon`` (datamodules/decathlon.py): the labelled ``<task>_test.json`` is read when
-it exists beside ``<task>_test_stripped.json``."""
+"""``VisualDecathlon`` (datamodules/decathlon.py): annotations, the submission file, and the labelled
+``<task>_test.json`` read when it exists beside ``<task>_test_stripped.json``."""
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from datamodules import VisualDecathlon
+from datamodules import DataLayoutError, VisualDecathlon, write_submission
+from layouts import _decathlon
 
 
 def _release(root: Path, task="svhn", classes=10, labelled_test=True):
@@ -42,3 +44,20 @@ def test_the_labelled_test_file_is_preferred_to_the_stripped_one(tmp_path):
     dm = VisualDecathlon(str(_release(tmp_path / "stripped", labelled_test=False)), tasks=["svhn"], num_workers=0)
     dm.setup("test")
     assert [y for _, y in dm.datasets["svhn"]["test"].samples] == [-1, -1, -1, -1]
+
+
+def test_visual_decathlon_annotations_and_submission(tmp_path):
+    _decathlon(tmp_path)
+    dm = VisualDecathlon(str(tmp_path), tasks=["vgg-flowers"], num_workers=0, batch_size=2)
+    dm.setup("fit")
+    dm.setup("test")
+    train = dm.datasets["vgg-flowers"]["train"]
+    assert [label for _, label in train.samples] == [0, 7, 14]  # index of category_id in categories
+    x, _ = train[0]
+    assert x.shape == (3, 64, 64)
+    assert [label for _, label in dm.datasets["vgg-flowers"]["test"].samples] == [-1, -1, -1]  # stripped file
+    out = write_submission({"vgg-flowers": [(dm.test_ids["vgg-flowers"][0], 101)]}, dm.category_ids,
+                           tmp_path / "results.json")
+    assert json.loads(out.read_text()) == [{"image_id": 10000200, "category_id": 100000102}]
+    with pytest.raises(DataLayoutError, match="svhn_train.json: annotation file missing"):
+        VisualDecathlon(str(tmp_path), tasks=["svhn"], num_workers=0).setup("fit")

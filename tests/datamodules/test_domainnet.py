@@ -1,10 +1,12 @@
-"""``DomainNet`` (datamodules/domainnet.py): split-file lines whose path holds spaces."""
+"""``DomainNet`` (datamodules/domainnet.py): split files, missing files named, lines whose path holds spaces."""
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from datamodules import DomainNet
+from datamodules import DataLayoutError, DomainNet
 from datamodules.domainnet import read_split_file
+from layouts import _domainnet
 
 
 def _jpg(path: Path) -> None:
@@ -26,3 +28,18 @@ def test_split_lines_split_on_the_last_space_so_paths_may_hold_spaces(tmp_path):
     assert dm.datasets["clipart"]["train"].samples == expected
     x, y = dm.datasets["clipart"]["val"][0]
     assert x.shape == (3, 8, 8) and y == 0
+
+
+def test_domainnet_split_files(tmp_path):
+    _domainnet(tmp_path)
+    dm = DomainNet(str(tmp_path), tasks=["clipart"], image_size=8, num_workers=0)
+    assert dm.num_classes == {"clipart": 345}
+    dm.setup("fit")
+    train = dm.datasets["clipart"]["train"]
+    assert len(train) == 4 and len(dm.datasets["clipart"]["val"]) == 2
+    assert (str(tmp_path / "clipart/zebra/clipart_1_0.jpg"), 344) in train.samples
+    with pytest.raises(DataLayoutError, match="painting_train.txt: split file missing"):
+        DomainNet(str(tmp_path), tasks=["painting"], num_workers=0).setup("fit")
+    (tmp_path / "clipart/zebra/clipart_1_1.jpg").unlink()
+    with pytest.raises(DataLayoutError, match=r"clipart_train.txt:4: names .*clipart_1_1.jpg, which does not exist"):
+        DomainNet(str(tmp_path), tasks=["clipart"], num_workers=0).setup("fit")
