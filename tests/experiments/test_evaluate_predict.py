@@ -267,3 +267,94 @@ def test_bad_flags_are_refused_before_anything_is_built(main, tmp_path):
     for message, args in cases.items():
         with pytest.raises(SystemExit, match=message):
             main(args + ["--images", str(tmp_path)] if main is predict.main else args)
+
+
+# -- fast: a task file made here, tiny image folders, no fit ----------------------------------
+
+FOLDER_CLASSES = ["circle", "square", "triangle"]
+
+
+def _shapes_folder(root: Path, per_split=(3, 2)) -> Path:
+    """``root/shapes/{train,test}/<class>/<i>.png``: 32 px images, one bright channel per class."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "test"), per_split):
+        for label, name in enumerate(FOLDER_CLASSES):
+            (root / "shapes" / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+                pixels[..., label] += 200
+                Image.fromarray(pixels).save(root / "shapes" / split / name / f"{i}.png")
+    return root
+
+
+def _shapes_task_file(path: Path) -> Path:
+    """A test_resnet task ``shapes`` on the base the CLI builds (seed 0), with random deltas and
+    running statistics far from what its images give."""
+    from helpers import randomize_tasks
+
+    torch.manual_seed(0)
+    model = tl.create_taps_model("test_resnet", {"shapes": 3})
+    randomize_tasks(model)
+    return tl.save_task(model, "shapes", path, class_names=FOLDER_CLASSES)
+
+
+def _running_stats(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    stats = {k: v for k, v in load_file(path).items() if "running_" in k}
+    assert stats  # test_resnet's BatchNorms
+    return stats
+
+
+def test_evaluate_recalibrate_batches_0_keeps_the_stored_statistics_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = _shapes_folder(tmp_path / "data")
+    task_file = _shapes_task_file(tmp_path / "shapes.safetensors")
+    common = ["--model.backbone", "test_resnet", "--model.weights", "null", "--tasks_from", str(task_file),
+              "--data", "ImageFolderTasks", "--data.init_args.root", str(root), "--data.init_args.image_size", "32",
+              "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+              "--data.init_args.persistent_workers", "false", "--trainer.enable_progress_bar", "false"]
+    stored = _running_stats(task_file)
+
+    def evaluated(batches: str, name: str):
+        cli = evaluate.main(common + ["--recalibrate_batches", batches, "--trainer.logger.init_args.name", name])
+        log_dir = Path(cli.trainer.log_dir)
+        after = _running_stats(tl.save_task(cli.model.model, "shapes", tmp_path / f"{name}.safetensors"))
+        with open(log_dir / "report.csv") as f:
+            norm_images = {r["task"]: r["norm_images"] for r in csv.DictReader(f)}
+        return after, norm_images, (log_dir / "report.md").read_text()
+
+    after, norm_images, text = evaluated("0", "stored")
+    assert after.keys() == stored.keys()
+    for key, value in stored.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    assert norm_images["shapes"] == "0"
+    assert "Norm statistics: as stored with the weights, not re-estimated here" in text
+    # the contrast: 2 batches of 4 of the 9 training images re-estimate them, and the report says so
+    after, norm_images, text = evaluated("2", "two")
+    assert any(not torch.equal(after[k], stored[k]) for k in stored)
+    assert norm_images["shapes"] == "8"
+    assert "re-estimated for these weights on 8 training images per task" in text
+
+
+def test_predict_pads_the_rows_of_a_task_with_fewer_classes_than_top_k(tmp_path, monkeypatch):
+    """3 classes, ``--top_k 5``: each row has path, task, 3 (label, probability) pairs holding every
+    class once with probabilities summing to 1, then 2 empty pairs; the header names 5 pairs."""
+    monkeypatch.chdir(tmp_path)
+    task_file = _shapes_task_file(tmp_path / "shapes.safetensors")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    out = predict.main(["--model.backbone", "test_resnet", "--model.weights", "null", "--tasks_from", str(task_file),
+                        "--images", str(images), "--top_k", "5", "--output", str(tmp_path / "p.csv"),
+                        "--trainer.enable_progress_bar", "false"])
+    with open(out) as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["path", "task"] + [f"{n}_{i}" for i in range(1, 6) for n in ("label", "probability")]
+    assert len(rows) == 2
+    for row in rows:
+        assert len(row) == 2 + 2 * 5 and row[1] == "shapes"
+        assert sorted(row[2:8:2]) == FOLDER_CLASSES
+        assert sum(float(p) for p in row[3:8:2]) == pytest.approx(1, abs=1e-5)
+        assert row[8:] == ["", "", "", ""]

@@ -170,3 +170,25 @@ def test_the_next_save_of_a_target_removes_a_killed_saves_temporary_file(tmp_pat
     BesideTargetCheckpointIO().save_checkpoint({"epoch": 3}, tmp_path / "last.ckpt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".best-00.ckpt.99999999.tmp", "last.ckpt"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"epoch": 3}
+
+
+@pytest.mark.parametrize("given", [["--ckpt_path", "old/last.ckpt"], ["--ckpt_path=old/last.ckpt"]],
+                         ids=["separate", "equals"])
+def test_the_printed_resume_command_replaces_a_ckpt_path_the_user_gave(given, monkeypatch, tmp_path):
+    """The SIGTERM report's command: the user's flags in their order, any ``--ckpt_path`` they gave
+    (either form) dropped, then ``--ckpt_path <target>``; run from the current folder."""
+    import shlex
+
+    from experiments.run.preemption import resume_command
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--data.tasks", "[mnist]", *given, "--trainer.max_epochs", "3"]
+    command = resume_command(args, "last")
+    cd, _, rest = command.partition(" && ")
+    assert cd == f"cd {shlex.quote(str(tmp_path))}"
+    assert shlex.split(rest) == [sys.executable, "-m", "experiments.fit", "--data.tasks", "[mnist]",
+                                 "--trainer.max_epochs", "3", "--ckpt_path", "last"]
+    assert "old/last.ckpt" not in command
+    # no target (nothing saved yet): the command exactly as given, its --ckpt_path included
+    assert shlex.split(resume_command(args, None).partition(" && ")[2]) == [sys.executable, "-m", "experiments.fit",
+                                                                              *args]

@@ -66,3 +66,39 @@ def test_a_resume_onto_a_new_schedule_that_has_ended_is_refused(tmp_path):
                                          r"a cosine over 2 epochs\), which has ended: .*learning rate 0\. Set "
                                          r"--model.cosine_epochs above"):
         _run(tmp_path, "a", 3, ckpt_path=str(tmp_path / "a" / "last.ckpt"), cosine_epochs=1)
+
+
+def test_loading_a_finished_schedules_state_sets_this_schedules_rate_at_once():
+    """The scheduler on its own, as Lightning restores it (optimizer state first, then the
+    scheduler's): a one-epoch cosine stepped once ends at rate 0; its state loaded into a
+    two-epoch cosine must put the optimizer at that schedule's rate after one epoch,
+    ``lr x (1 + cos(pi / 2)) / 2 = lr / 2``, at once, not 0 until the next ``step()``."""
+    import math
+    import warnings
+
+    from taps_lightning.training.schedules import ResumableLambdaLR
+
+    base = [0.1, 0.03]  # two groups (weights, scores), as fit's optimizer has
+
+    def build(epochs):
+        params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))]
+        opt = torch.optim.SGD([{"params": params[:1], "lr": base[0]}, {"params": params[1:], "lr": base[1]}],
+                              lr=base[0], momentum=0.9)
+        sched = ResumableLambdaLR(opt, lambda i: cosine_restart(i, 0, epochs), f"a cosine over {epochs} epochs", "epoch")
+        return opt, sched
+
+    one_opt, one = build(1)
+    one_opt.step()
+    one.step()
+    assert [g["lr"] for g in one_opt.param_groups] == [0.0, 0.0]  # the one-epoch cosine has ended
+    opt, two = build(2)
+    opt.load_state_dict(one_opt.state_dict())  # the restored optimizer holds rate 0
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "resumed ... onto another learning-rate schedule"
+        two.load_state_dict(one.state_dict())
+    expected = [b * (1 + math.cos(math.pi / 2)) / 2 for b in base]  # float64, by hand
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert two.get_last_lr() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    two.step()  # and the schedule goes on from there: epoch 2 of 2 is rate 0
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0, 0.0], abs=1e-15)

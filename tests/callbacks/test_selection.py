@@ -1,5 +1,4 @@
-"""Callbacks: heatmap arrays, parameter scalars, the S-score and the report, against hand values."""
-import csv
+"""LayerSelectionLogger and the heatmaps (callbacks/selection.py), and the callbacks together in a fit: arrays, images and TensorBoard against hand values."""
 import io
 
 import lightning as L
@@ -14,6 +13,9 @@ from callbacks.params import task_param_metrics
 from callbacks.selection import selection_mask
 from helpers import TinyTasks, taps_trainer
 from taps_lightning.training.compose import create_taps_module
+
+from test_report import _table
+
 
 TINY = dict(backbone="test_resnet", sparsity_warmup_epochs=0)
 
@@ -132,16 +134,6 @@ def test_heatmaps_show_each_tasks_gates_in_its_row_under_its_name(drawn):
     np.testing.assert_array_equal(blue > red + 30, ~expected)  # below: blue
 
 
-def test_decathlon_score_hand_computed():
-    from callbacks.decathlon import BASELINE_ERRORS
-
-    assert decathlon_score(dict(BASELINE_ERRORS)) == pytest.approx(2500.0)  # baseline everywhere: 250 per task
-    assert decathlon_score({"svhn": 0.0}) == pytest.approx(1000.0)
-    assert decathlon_score({"gtsrb": 0.2}) == 0.0  # worse than E_max = 2 x 2.47 %
-    # aircraft error 0.30: E_max 0.7932, alpha 1000/0.7932^2
-    assert decathlon_score({"aircraft": 0.30, "unknown": 0.1}) == pytest.approx(1000 / 0.7932**2 * (0.7932 - 0.30) ** 2)
-
-
 def _gates(model) -> np.ndarray:
     """``[tasks, layers in forward order]``: score >= tau, compared here in fp32 (the scores' dtype)."""
     tau = float(np.float32(model.threshold))
@@ -204,59 +196,3 @@ def test_callbacks_reach_tensorboard_and_report(tmp_path, drawn):
     assert "Total parameters for all tasks" in text
     assert _table(text) == pytest.approx({"svhn": round(accs["svhn"], 2), "b": round(accs["b"], 2),
                                           "total / mean": round(mean, 2)}, abs=1e-9)
-
-
-def _table(text: str) -> dict[str, float]:
-    """``{task: acc (%)}`` of a report.md table, the ``total / mean`` row included."""
-    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
-    return {cells[0].strip(): float(cells[1]) for cells in rows[1:]}
-
-
-@pytest.mark.parametrize("stage", ["val", "test"])
-def test_report_mean_row_is_the_mean_of_the_task_rows_and_val_acc(stage, tmp_path):
-    """Heads that always answer class 0 on labels 0..k-1 repeated: a task's accuracy is the share of
-    label 0, known by hand, and differs per task (so the mean differs from the median, the first,
-    the largest or the sample-weighted value). Tasks in non-alphabetical order."""
-    classes = {"zeta": 4, "alpha": 3, "mid": 5}
-    counts = {"zeta": 24, "alpha": 12, "mid": 40}  # label 0: 6 of 24, 4 of 12, 8 of 40
-    data = TinyTasks.make(tasks=tuple(classes), classes=tuple(classes.values()), n=counts)
-    module = create_taps_module(tasks=classes, **TINY)
-    with torch.no_grad():
-        for head in module.model.heads.values():
-            head.weight.zero_()
-            head.bias.zero_()
-            head.bias[0] = 1.0
-    expected = {"zeta": 100 * 6 / 24, "alpha": 100 * 4 / 12, "mid": 100 * 8 / 40}
-    mean = sum(expected.values()) / 3  # 26.11; weighted by samples 23.68, median 25
-    report = ResultsReport()
-    trainer = taps_trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report],
-                        enable_progress_bar=False, enable_model_summary=False)
-    metrics = (trainer.validate if stage == "val" else trainer.test)(module, data, verbose=False)[0]
-    assert 100 * metrics[f"{stage}/acc"] == pytest.approx(mean, abs=1e-4)
-    rows = {r["task"]: r["accuracy"] for r in report.rows}
-    assert list(rows) == ["zeta", "alpha", "mid", "total / mean"]
-    assert rows == pytest.approx({**expected, "total / mean": mean}, abs=1e-4)
-    text = (tmp_path / "report.md").read_text()
-    assert f"({stage} set)" in text
-    assert _table(text) == pytest.approx({**{t: round(a, 2) for t, a in expected.items()}, "total / mean": 26.11},
-                                         abs=1e-9)
-    with open(tmp_path / "report.csv") as f:
-        csv_rows = {r["task"]: float(r["accuracy"]) for r in csv.DictReader(f)}
-    assert csv_rows == pytest.approx(rows, abs=1e-9)
-
-
-def test_report_is_written_after_validate_and_once_per_fit(tmp_path):
-    data = TinyTasks.make()
-    module = create_taps_module(tasks=data.num_classes, **TINY)
-    report = ResultsReport()
-    stages = []
-    write = report._write
-    report._write = lambda trainer, pl_module, stage: (stages.append(stage), write(trainer, pl_module, stage))
-    kw = dict(accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[report], enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
-    taps_trainer(max_epochs=2, **kw).fit(module, data)
-    assert stages == ["val"]  # at the end of fit, not after each validation epoch
-    metrics = taps_trainer(**kw).validate(module, data, verbose=False)[0]
-    assert stages == ["val", "val"]
-    assert "(val set)" in (tmp_path / "report.md").read_text()
-    assert report.rows[0]["accuracy"] == pytest.approx(100 * metrics["val/a/acc"])
