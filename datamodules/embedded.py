@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from taps_lightning.files.atomic import atomic_write
+
 from .base import MultiTaskDataModule, TensorImageDataset
 
 __all__ = ["EmbeddedDigits", "build_embedded_digits", "DOMAINS"]
@@ -110,10 +112,8 @@ def load_embedded_digits(root: str | os.PathLike | None = None, image_size: int 
         except Exception as err:  # a partial write from an interrupted run
             raise RuntimeError(f"{path}: unreadable cache ({err}); delete the file and it is rebuilt") from err
     data = build_embedded_digits(image_size, seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: concurrent DDP ranks never read a half-written file
+    # atomic: concurrent DDP ranks never read a half-written file
+    atomic_write(path, lambda f: torch.save(data, f), "the embedded digits cache")
     return data
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 from datamodules import CorruptImageError, DataLayoutError
 from taps_lightning import TaskFileError
+from taps_lightning.errors import TapsError
 from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
 from taps_lightning.models.multitask import TASK_NAME
 
@@ -23,9 +24,10 @@ from .runs import read_checkpoint
 __all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes",
            "MAX_IMAGE_SIZE"]
 
-#: Errors about what a user gave (a setting, a data folder, an image, a task file), whose message
-#: names it and the fix: the command line prints them without a traceback.
-USER_ERRORS = (SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
+#: Errors about what a user gave (a setting, a data folder, an image, a task file, an output path),
+#: whose message names it and the fix: the command line prints them without a traceback. Every one
+#: derives from TapsError (OutputError too, which predict's CSV write raises).
+USER_ERRORS = (TapsError, SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
 
 
 def plain_message(err: BaseException) -> str:

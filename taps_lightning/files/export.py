@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..core.config import StartsOffWarning
@@ -26,6 +27,7 @@ from ..models.taps_model import TASK_NAME, TapsModel
 from ..models.multitask import MultiTaskModel
 from ..core.signature import base_fingerprint, layout_signature
 from ..errors import TaskFileError
+from .atomic import atomic_write
 
 __all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
 
@@ -44,13 +46,8 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
     """Refuse non-finite values, then write atomically (a temporary file renamed into place),
     so an interrupted export never leaves a truncated task file behind."""
     check_finite(tensors, f"save_task({task!r}) to {path}", _DIVERGED, error=ValueError)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = safetensors_bytes({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data), f"task file of {task!r}")
 
 
 def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
