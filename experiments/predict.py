@@ -101,6 +101,8 @@ def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, device: to
     """``(probabilities [N, k], class indices [N, k])`` of the ``top_k`` classes of every image."""
     probs, labels = [], []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        if images is None:  # a batch whose every image was skipped
+            continue
         top = net(images.to(device)).float().softmax(-1)
         top = top.topk(min(top_k, top.shape[-1]), dim=-1)
         probs.append(top.values.cpu())

@@ -28,7 +28,7 @@ from typing import IO, Callable
 
 from ..errors import OutputError
 
-__all__ = ["atomic_write", "temporary_name", "check_replaceable"]
+__all__ = ["atomic_write", "temporary_name", "check_replaceable", "folder_problem"]
 
 
 def temporary_name(path: Path) -> Path:
@@ -76,6 +76,22 @@ def check_replaceable(path: str | os.PathLike, what: str = "the file", flag: str
     if not existing.is_dir():
         raise OutputError(f"{named}: {existing} is not a folder, so {what} cannot be written below it; {fix}")
     return target
+
+
+def folder_problem(folder: str | os.PathLike, writable: bool = True) -> str | None:
+    """Why ``folder`` cannot be used as a folder (to read from, and when ``writable`` to create files in),
+    or ``None``: it, or its nearest existing ancestor when it does not exist yet, must be a folder (and
+    writable). Callers add what named it (a flag, an environment variable) and the fix."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        kind = "a file" if existing.is_file() else "not a folder"
+        return f"{existing} is {kind}" if existing == folder else f"{existing} (above it) is {kind}"
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _describe(err: OSError) -> str:

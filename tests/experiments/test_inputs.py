@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import taps_lightning as tl
+from taps_lightning.errors import OutputError
 from datamodules import CorruptImageError
 from datamodules.check import check
 from datamodules.folder import ImageFolderTasks
@@ -98,7 +99,7 @@ def test_predict_escapes_formulas_and_refuses_a_folder_as_output(task_file, tmp_
     common = TEST_RESNET + ["--tasks_from", str(task_file), "--images", str(image), "--trainer.enable_progress_bar",
                             "false"]
     (tmp_path / "out").mkdir()
-    with pytest.raises(SystemExit, match=r"--output .*out: is a folder; give the CSV file to write"):
+    with pytest.raises(OutputError, match=r"--output .*out: is a folder, not the predictions CSV; give another path"):
         predict.main(common + ["--output", str(tmp_path / "out")])
     out = predict.main(common + ["--output", str(tmp_path / "p.csv"), "--top_k", "5"])
     rows = list(csv.reader(open(out)))
