@@ -45,6 +45,16 @@ def default_root() -> Path:
     return Path(os.environ.get(DATA_HOME_ENV) or Path.home() / ".cache" / "taps_lightning") / "embedded_digits"
 
 
+def environment_problems() -> list[str]:
+    """Each path-valued environment variable this package reads (only :data:`DATA_HOME_ENV`) that is set
+    but cannot be a data folder, naming the variable and the fix; the commands check them before
+    anything is built or claimed."""
+    value = os.environ.get(DATA_HOME_ENV)
+    problem = folder_problem(value, writable=False) if value else None
+    return [f"the environment variable {DATA_HOME_ENV}={value}: {problem}; set {DATA_HOME_ENV} to a folder "
+            "(created if missing) or unset it for ~/.cache/taps_lightning"] if problem else []
+
+
 def check_root(root: str | os.PathLike | None, build: bool = True) -> Path:
     """The cache folder for ``root`` (``None``: :func:`default_root`), refused before any work (the build
     takes ~20 s) unless it is, or can be created as, a folder, writable when the cache is to be ``build``-t:
@@ -166,7 +176,6 @@ class EmbeddedDigits(MultiTaskDataModule):
         self.root, self.image_size, self.resize_to, self.seed = root, image_size, resize_to, seed
         self.max_train_per_task, self.augment = max_train_per_task, augment
         self._data = None
-        check_root(root, build=False)  # a TAPS_DATA_HOME that is a file: refused before anything is built
 
     @property
     def available_tasks(self) -> dict[str, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from datamodules import CorruptImageError, DataLayoutError
+from datamodules.embedded import environment_problems
 from taps_lightning import TaskFileError
 from taps_lightning.errors import TapsError
 from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
@@ -112,6 +113,7 @@ def check_data_flags(data_cfg, model_cfg=None, trainer_cfg=None) -> None:
     precision = precision_problem(getattr(trainer_cfg, "precision", None))
     if precision:
         problems.append(precision)
+    problems += environment_problems()  # TAPS_DATA_HOME a file: refused now, not after the data is built
     weights = getattr(model_cfg, "weights", None)
     if weights not in (None, "embedded") and not Path(weights).is_file():
         problems.append(f"--model.weights {weights}: " + ("is a folder" if Path(weights).is_dir() else "no such file")

@@ -191,6 +191,20 @@ def test_data_home_that_is_a_file_is_refused_first_naming_the_variable(tmp_path,
         load_embedded_digits(root=home / "sub")
 
 
+def test_commands_refuse_a_bad_data_home_before_anything_is_built_or_claimed(tmp_path, monkeypatch):
+    """fit's first checks (check_data_flags) name TAPS_DATA_HOME: no run folder, no data build."""
+    from experiments.fit import main as fit_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("TAPS_DATA_HOME", str(tmp_path / "file"))
+    monkeypatch.setattr("datamodules.embedded.build_embedded_digits", lambda *a, **k: pytest.fail("built the data"))
+    with pytest.raises(SettingsError, match=r"TAPS_DATA_HOME=.*file: .* is a file; set TAPS_DATA_HOME to a folder"):
+        fit_main(["--model.backbone", "test_resnet", "--model.weights", "null", "--trainer.default_root_dir",
+                  str(tmp_path / "runs")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # -- keyword-only arguments ---------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [datamodules.MultiTaskDataModule, ImageFolderTasks, ImageNetToSketch, DomainNet,
                                  VisualDecathlon, EmbeddedDigits])
