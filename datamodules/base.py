@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DataLayoutError, UnknownTaskError
+from .images import DataLayoutError, SkippingDataLoader, UnknownTaskError, collate_skipping_none
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, taps_transforms
 
 __all__ = ["MultiTaskDataModule", "TensorImageDataset", "SPLITS"]
@@ -43,6 +43,11 @@ class TensorImageDataset(Dataset):
         return image, int(self.labels[index])
 
 
+def _loader_class(collate) -> type[DataLoader]:
+    """:class:`SkippingDataLoader` for a collate that may give ``None`` (a batch skipped whole)."""
+    return SkippingDataLoader if collate is collate_skipping_none else DataLoader
+
+
 def _unrepeated_sampler(dataset: Dataset):
     """Shard ``dataset`` over DDP ranks without padding (each sample evaluated exactly once)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -64,7 +69,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         persistent_workers: keep workers alive between epochs.
     """
 
-    def __init__(self, tasks: Sequence[str] | None = None, batch_size: int = 32, eval_batch_size: int | None = None,
+    def __init__(self, tasks: Sequence[str] | None = None, *, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
         super().__init__()
         self._requested_tasks = list(dict.fromkeys(tasks)) if tasks else None  # a task named twice: once
@@ -121,8 +126,23 @@ class MultiTaskDataModule(L.LightningDataModule):
         available = self.available_tasks
         return {t: available[t] for t in self.tasks}
 
+    def task_location(self, task: str) -> str:
+        """Where ``task``'s data is, for messages (a DataModule with a folder per task names it)."""
+        return f"{type(self).__name__} task {task!r}"
+
+    def check_classes(self, task: str) -> None:
+        """Refuse a task with fewer than 2 classes: a classifier of one class has nothing to learn (its
+        loss is 0 from the start) and the accuracy metrics refuse it deep inside torchmetrics."""
+        count = self.available_tasks[task]
+        if not isinstance(count, int) or count < 2:
+            raise DataLayoutError(f"{self.task_location(task)}: task {task!r} has {count} class(es); a "
+                                  "classification task needs at least 2. Add the missing class folder(s) or data, "
+                                  "or drop the task from --data.init_args.tasks")
+
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for task in self.tasks:
+            self.check_classes(task)
         for task in self.tasks:
             for split in splits.get(stage, SPLITS) if stage else SPLITS:
                 self.datasets.setdefault(task, {})
@@ -139,13 +159,14 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         sampler = None if train else _unrepeated_sampler(dataset)
-        return DataLoader(
+        collate = getattr(dataset, "collate_fn", None)
+        return _loader_class(collate)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train and len(dataset) > self.batch_size,
             sampler=sampler,
-            collate_fn=getattr(dataset, "collate_fn", None),
+            collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
@@ -182,8 +203,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         batches = [chosen[i:i + self.batch_size].tolist() for i in range(0, len(chosen), self.batch_size)]
         if len(batches) > 1 and len(batches[-1]) < self.batch_size:  # full batches only: a batch of one image
             batches.pop()                                          # has no variance to estimate (BatchNorm refuses it)
-        return DataLoader(
-            dataset, batch_sampler=batches[rank::world_size], collate_fn=getattr(dataset, "collate_fn", None),
+        collate = getattr(dataset, "collate_fn", None)
+        return _loader_class(collate)(
+            dataset, batch_sampler=batches[rank::world_size], collate_fn=collate,
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             generator=torch.Generator(),
         )

@@ -60,6 +60,10 @@ def check(dm: MultiTaskDataModule, decode: bool = True, out=None) -> list[str]:
             report.problem(str(err))
         report.warn(caught)
         for task in tasks:
+            try:
+                dm.check_classes(task)
+            except DataLayoutError as err:
+                report.problem(str(err))
             counts = {}
             for split in SPLITS:
                 try:

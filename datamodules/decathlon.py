@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .base import MultiTaskDataModule
-from .images import DataLayoutError, ImageListDataset
+from .images import DataLayoutError, ImageListDataset, listed_path
 from .transforms import to_normalized_tensor
 
 __all__ = ["VisualDecathlon", "DECATHLON_TASKS", "read_annotations", "write_submission"]
@@ -61,7 +61,7 @@ def read_annotations(path: Path, root: Path, need_labels: bool = True) -> tuple[
         raise DataLayoutError(f"{path}: has no annotations (labels); use the labelled file for this split")
     samples, image_ids = [], []
     for img in data["images"]:
-        file = root / img["file_name"]
+        file = listed_path(root, str(img["file_name"]), f"{path}: image {img.get('id')}")
         if not file.is_file():
             raise DataLayoutError(f"{path}: image {img['file_name']} not found under {root}; untar "
                                   f"decathlon-1.0-data.tar.gz (and each <task>.tar) inside {root}/data/")
@@ -101,10 +101,11 @@ class VisualDecathlon(MultiTaskDataModule):
         train_on_trainval: train on train+val and validate on val (as the paper reports test accuracy).
     """
 
-    def __init__(self, root: str, tasks: Sequence[str] | None = None, train_on_trainval: bool = False,
+    def __init__(self, root: str, tasks: Sequence[str] | None = None, *, train_on_trainval: bool = False,
                  skip_corrupt: bool = False, batch_size: int = 128, eval_batch_size: int | None = 100,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(tasks=tasks, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers)
         self.root, self.train_on_trainval, self.skip_corrupt = Path(root), train_on_trainval, skip_corrupt
         self.test_ids: dict[str, list[int]] = {}
         self.category_ids: dict[str, list[int]] = {}
@@ -134,12 +135,13 @@ class VisualDecathlon(MultiTaskDataModule):
 
     def build_dataset(self, task: str, split: str) -> Dataset:
         labelled = split != "test" or self.annotation_file(task, "test").name == f"{task}_test.json"
-        samples, ids, cats = read_annotations(self.annotation_file(task, split), self.root, need_labels=labelled)
+        samples, ids, cats = read_annotations(self.annotation_file(task, split), root=self.root, need_labels=labelled)
         if split == "train" and self.train_on_trainval:
-            samples = samples + read_annotations(self.annotation_file(task, "val"), self.root)[0]
+            samples = samples + read_annotations(self.annotation_file(task, "val"), root=self.root)[0]
         if len(cats) != DECATHLON_TASKS[task]:
             raise DataLayoutError(f"{self.annotation_file(task, split)}: {len(cats)} categories, "
                                   f"but {task} has {DECATHLON_TASKS[task]}")
         if split == "test":
             self.test_ids[task], self.category_ids[task] = ids, cats
-        return ImageListDataset(samples, self.transform(task, split == "train"), self.skip_corrupt)
+        return ImageListDataset(samples, transform=self.transform(task, train=split == "train"),
+                                skip_corrupt=self.skip_corrupt)

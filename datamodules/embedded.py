@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from taps_lightning.errors import SettingsError
+from taps_lightning.files.atomic import atomic_write, folder_problem
+
 from .base import MultiTaskDataModule, TensorImageDataset
 
 __all__ = ["EmbeddedDigits", "build_embedded_digits", "DOMAINS"]
@@ -31,8 +34,44 @@ _SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 _CACHE_VERSION = 1
 
 
+#: The environment variable naming the folder of downloaded or built data (the only path-valued
+#: variable this package reads).
+DATA_HOME_ENV = "TAPS_DATA_HOME"
+
+
 def default_root() -> Path:
-    return Path(os.environ.get("TAPS_DATA_HOME", Path.home() / ".cache" / "taps_lightning")) / "embedded_digits"
+    """``$TAPS_DATA_HOME/embedded_digits`` (else ``~/.cache/taps_lightning/embedded_digits``); an unset or
+    empty variable means the default."""
+    return Path(os.environ.get(DATA_HOME_ENV) or Path.home() / ".cache" / "taps_lightning") / "embedded_digits"
+
+
+def environment_problems() -> list[str]:
+    """Each path-valued environment variable this package reads (only :data:`DATA_HOME_ENV`) that is set
+    but cannot be a data folder, naming the variable and the fix; the commands check them before
+    anything is built or claimed."""
+    value = os.environ.get(DATA_HOME_ENV)
+    problem = folder_problem(value, writable=False) if value else None
+    return [f"the environment variable {DATA_HOME_ENV}={value}: {problem}; set {DATA_HOME_ENV} to a folder "
+            "(created if missing) or unset it for ~/.cache/taps_lightning"] if problem else []
+
+
+def check_root(root: str | os.PathLike | None, build: bool = True) -> Path:
+    """The cache folder for ``root`` (``None``: :func:`default_root`), refused before any work (the build
+    takes ~20 s) unless it is, or can be created as, a folder, writable when the cache is to be ``build``-t:
+    a :class:`~taps_lightning.errors.SettingsError` naming the setting it came from and the fix."""
+    folder = Path(root) if root else default_root()
+    problem = folder_problem(folder, writable=build)
+    if problem is None:
+        return folder
+    if root:
+        origin, fix = f"--data.init_args.root {root}", "point --data.init_args.root at a writable folder"
+    elif os.environ.get(DATA_HOME_ENV):
+        origin = f"the environment variable {DATA_HOME_ENV}={os.environ[DATA_HOME_ENV]}"
+        fix = f"set {DATA_HOME_ENV} to a writable folder (or unset it for ~/.cache/taps_lightning)"
+    else:
+        origin = f"the default data folder (HOME={os.environ.get('HOME', Path.home())})"
+        fix = f"set {DATA_HOME_ENV} to a writable folder"
+    raise SettingsError(f"{origin}: {problem}, so the embedded digits cannot be stored in {folder}; {fix}")
 
 
 def _resize(gray: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,18 +141,17 @@ def build_embedded_digits(image_size: int = 32, seed: int = 0) -> dict[str, dict
 
 def load_embedded_digits(root: str | os.PathLike | None = None, image_size: int = 32, seed: int = 0):
     """Build once, then read the cached tensors (``weights_only`` load, no pickle of code)."""
-    root = Path(root) if root else default_root()
+    given, root = root, Path(root) if root else default_root()
     path = root / f"digits_v{_CACHE_VERSION}_s{image_size}_seed{seed}.pt"
+    check_root(given, build=not path.is_file())  # before the ~20 s build, not after it
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
         except Exception as err:  # a partial write from an interrupted run
             raise RuntimeError(f"{path}: unreadable cache ({err}); delete the file and it is rebuilt") from err
-    data = build_embedded_digits(image_size, seed)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # atomic: concurrent DDP ranks never read a half-written file
+    data = build_embedded_digits(image_size=image_size, seed=seed)
+    # atomic: concurrent DDP ranks never read a half-written file
+    atomic_write(path, lambda f: torch.save(data, f), "the embedded digits cache")
     return data
 
 
@@ -129,11 +167,12 @@ class EmbeddedDigits(MultiTaskDataModule):
         augment: small random shifts and scales during training.
     """
 
-    def __init__(self, root: str | None = None, tasks: Sequence[str] | None = None, image_size: int = 32,
+    def __init__(self, root: str | None = None, tasks: Sequence[str] | None = None, *, image_size: int = 32,
                  resize_to: int = 64, seed: int = 0, max_train_per_task: int | None = None, augment: bool = True,
                  batch_size: int = 32, eval_batch_size: int | None = 128, num_workers: int = 0,
                  pin_memory: bool = True, persistent_workers: bool = False) -> None:
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(tasks=tasks, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers)
         self.root, self.image_size, self.resize_to, self.seed = root, image_size, resize_to, seed
         self.max_train_per_task, self.augment = max_train_per_task, augment
         self._data = None
@@ -143,7 +182,7 @@ class EmbeddedDigits(MultiTaskDataModule):
         return {d: 10 for d in DOMAINS}
 
     def prepare_data(self) -> None:
-        load_embedded_digits(self.root, self.image_size, self.seed)
+        load_embedded_digits(root=self.root, image_size=self.image_size, seed=self.seed)
 
     def class_names(self, task: str) -> list[str] | None:
         return [str(digit) for digit in range(10)] if task in DOMAINS else None
@@ -164,8 +203,8 @@ class EmbeddedDigits(MultiTaskDataModule):
 
     def build_dataset(self, task: str, split: str) -> TensorImageDataset:
         if self._data is None:
-            self._data = load_embedded_digits(self.root, self.image_size, self.seed)
+            self._data = load_embedded_digits(root=self.root, image_size=self.image_size, seed=self.seed)
         images, labels = self._data[task][split]
         if split == "train" and self.max_train_per_task:
             images, labels = images[: self.max_train_per_task], labels[: self.max_train_per_task]
-        return TensorImageDataset(images, labels, self._transform(split == "train"))
+        return TensorImageDataset(images, labels, transform=self._transform(train=split == "train"))

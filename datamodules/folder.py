@@ -34,11 +34,16 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and _visible(d))
 
 
-def _files(folder: Path) -> Iterator[Path]:
-    """Visible files below ``folder`` in sorted order, hidden folders skipped."""
+def _files(folder: Path, _above: frozenset[Path] = frozenset()) -> Iterator[Path]:
+    """Visible files below ``folder`` in sorted order, hidden folders skipped. A symlink back to a folder
+    above (``class/loop -> ..``) is not entered (compared by resolved path): a loop would otherwise list
+    the same images again at every depth until the path is too long."""
+    here = folder.resolve()
+    if here in _above:
+        return
     for path in sorted(folder.iterdir()):
         if _visible(path):
-            yield from _files(path) if path.is_dir() else (path,)
+            yield from _files(path, _above | {here}) if path.is_dir() else (path,)
 
 
 def scan_class_folders(split_dir: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
@@ -90,11 +95,12 @@ class ImageFolderTasks(MultiTaskDataModule):
         skip_corrupt: skip undecodable images with a warning instead of stopping.
     """
 
-    def __init__(self, root: str, tasks: Sequence[str] | None = None, image_size: int = 224,
+    def __init__(self, root: str, tasks: Sequence[str] | None = None, *, image_size: int = 224,
                  cropped_tasks: Sequence[str] = (), expected_classes: dict[str, int] | None = None,
                  skip_corrupt: bool = False, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
-        super().__init__(tasks, batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(tasks=tasks, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=persistent_workers)
         self.root = Path(root)
         self.image_size = image_size
         self.cropped_tasks = set(cropped_tasks)
@@ -146,6 +152,9 @@ class ImageFolderTasks(MultiTaskDataModule):
     def class_names(self, task: str) -> list[str]:
         return self.classes(task)
 
+    def task_location(self, task: str) -> str:
+        return str(self.root / task / "train")
+
     @property
     def available_tasks(self) -> dict[str, int]:
         return {t: self.expected_classes.get(t) or len(self.classes(t)) for t in self._task_names()}
@@ -171,12 +180,14 @@ class ImageFolderTasks(MultiTaskDataModule):
         if not samples:
             raise DataLayoutError(f"{self.split_dir(task, split)}: no images ({', '.join(IMAGE_EXTENSIONS)})")
         cropped = task in self.cropped_tasks
-        transform = (taps_transforms(True, self.image_size, cropped, self.mean, self.std) if split == "train"
+        transform = (taps_transforms(train=True, image_size=self.image_size, cropped=cropped,
+                                     mean=self.mean, std=self.std) if split == "train"
                      else self.eval_transform(task))
-        return ImageListDataset(samples, transform, self.skip_corrupt)
+        return ImageListDataset(samples, transform=transform, skip_corrupt=self.skip_corrupt)
 
     def eval_transform(self, task: str):
-        return taps_transforms(False, self.image_size, task in self.cropped_tasks, self.mean, self.std)
+        return taps_transforms(train=False, image_size=self.image_size, cropped=task in self.cropped_tasks,
+                               mean=self.mean, std=self.std)
 
 
 #: Folder name -> classes of the Piggyback/TAPS ImageNet-to-Sketch release.
@@ -190,9 +201,11 @@ class ImageNetToSketch(ImageFolderTasks):
     use the cropped transform. Class counts are checked against the release.
     """
 
-    def __init__(self, root: str, tasks: Sequence[str] | None = None, image_size: int = 224,
+    def __init__(self, root: str, tasks: Sequence[str] | None = None, *, image_size: int = 224,
                  skip_corrupt: bool = False, batch_size: int = 32, eval_batch_size: int | None = None,
                  num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True) -> None:
-        super().__init__(root, tasks, image_size, [t for t in IMAGENET_TO_SKETCH if t.endswith("_cropped")],
-                         IMAGENET_TO_SKETCH, skip_corrupt, batch_size, eval_batch_size, num_workers, pin_memory,
-                         persistent_workers)
+        super().__init__(root=root, tasks=tasks, image_size=image_size,
+                         cropped_tasks=[t for t in IMAGENET_TO_SKETCH if t.endswith("_cropped")],
+                         expected_classes=IMAGENET_TO_SKETCH, skip_corrupt=skip_corrupt, batch_size=batch_size,
+                         eval_batch_size=eval_batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                         persistent_workers=persistent_workers)

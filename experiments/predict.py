@@ -13,7 +13,6 @@ temporary file in the same folder and renamed at the end, so an error leaves no 
 from __future__ import annotations
 
 import csv
-import os
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from datamodules import CorruptImageError, MultiTaskDataModule
 from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
+from taps_lightning.files.atomic import atomic_write, check_replaceable
 from taps_lightning.training.compose import create_taps_module
 
 from .run.inputs import run_cli
@@ -73,9 +73,7 @@ class PredictCLI(TrainedCLI):
             raise SystemExit("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
             raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
-        if Path(cfg.output).is_dir():
-            raise SystemExit(f"--output {cfg.output}: is a folder; give the CSV file to write, e.g. "
-                             f"--output {Path(cfg.output) / 'predictions.csv'}")
+        check_replaceable(cfg.output, "the predictions CSV", "--output")  # a folder, device, FIFO: refused
         check_writable(Path(cfg.output).absolute().parent, "--output", "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
         self.tasks = self.trained.select(cfg.tasks)
@@ -103,6 +101,8 @@ def predict_task(net: Callable[[Tensor], Tensor], loader: DataLoader, device: to
     """``(probabilities [N, k], class indices [N, k])`` of the ``top_k`` classes of every image."""
     probs, labels = [], []
     for images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        if images is None:  # a batch whose every image was skipped
+            continue
         top = net(images.to(device)).float().softmax(-1)
         top = top.topk(min(top_k, top.shape[-1]), dim=-1)
         probs.append(top.values.cpu())
@@ -136,15 +136,10 @@ def csv_rows(images: Sequence[Path], results: dict[str, tuple[Tensor, Tensor, li
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write to a temporary file next to ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write whole or not at all (:func:`~taps_lightning.files.atomic.atomic_write`): readers never see
+    half a file, and a device, FIFO or folder at ``path`` is refused, never replaced."""
+    atomic_write(path, lambda f: csv.writer(f).writerows([header, *rows]), "the predictions CSV", "--output",
+                 text=True)
 
 
 def main(args: list[str] | None = None) -> Path:

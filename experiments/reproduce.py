@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from callbacks import ResultsReport
+from taps_lightning.files.atomic import atomic_write
 
 LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
@@ -129,10 +130,7 @@ def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict
               "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), "cpu": cpu_model(), "protocol": PROTOCOL, "commit": _commit()}
     path = run_file(runs, label, seed, quick)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1)), "the run record", text=True)
     return rows
 
 

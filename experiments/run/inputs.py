@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Callable
 
 from datamodules import CorruptImageError, DataLayoutError
+from datamodules.embedded import environment_problems
 from taps_lightning import TaskFileError
+from taps_lightning.errors import TapsError
 from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
 from taps_lightning.models.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "check_against_data", "data_flag_problems", "task_classes",
+__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "precision_problem", "check_against_data", "data_flag_problems", "task_classes",
            "MAX_IMAGE_SIZE"]
 
-#: Errors about what a user gave (a setting, a data folder, an image, a task file), whose message
-#: names it and the fix: the command line prints them without a traceback.
-USER_ERRORS = (SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
+#: Errors about what a user gave (a setting, a data folder, an image, a task file, an output path),
+#: whose message names it and the fix: the command line prints them without a traceback. Every one
+#: derives from TapsError (OutputError too, which predict's CSV write raises).
+USER_ERRORS = (TapsError, SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
 
 
 def plain_message(err: BaseException) -> str:
@@ -80,19 +83,44 @@ def data_flag_problems(init_args: dict) -> list[str]:
     return problems
 
 
-def check_data_flags(data_cfg, model_cfg=None) -> None:
-    """Refuse out-of-range ``--data.init_args.*`` (and a ``--model.weights`` that is no file) before
-    anything is built or claimed."""
+def precision_problem(precision) -> str | None:
+    """Why ``--trainer.precision`` cannot run here, or ``None``. Every value Lightning offers runs end to
+    end on CPU and GPU (fit, evaluate, predict, export, merge: inputs reach the model in its dtype, task
+    files are float32 whatever trained them), except Transformer Engine's, which need NVIDIA's
+    ``transformer_engine`` package and a CUDA GPU; they are refused here, before anything is built,
+    instead of by a traceback from Lightning's connector."""
+    if precision is None:
+        return None
+    value = str(precision)
+    if value.startswith("transformer-engine"):
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("transformer_engine") is None or not torch.cuda.is_available():
+            return (f"--trainer.precision {value} needs NVIDIA Transformer Engine (the transformer_engine package) "
+                    "and a CUDA GPU, which this machine lacks; use --trainer.precision bf16-mixed (or 16-mixed, "
+                    "32-true)")
+    return None
+
+
+def check_data_flags(data_cfg, model_cfg=None, trainer_cfg=None) -> None:
+    """Refuse out-of-range ``--data.init_args.*`` (and a ``--model.weights`` that is no file, and a
+    ``--trainer.precision`` that cannot run here) before anything is built or claimed."""
     init_args = getattr(data_cfg, "init_args", None)
     values = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args or {})
     problems = data_flag_problems(values)
+    precision = precision_problem(getattr(trainer_cfg, "precision", None))
+    if precision:
+        problems.append(precision)
+    problems += environment_problems()  # TAPS_DATA_HOME a file: refused now, not after the data is built
     weights = getattr(model_cfg, "weights", None)
     if weights not in (None, "embedded") and not Path(weights).is_file():
         problems.append(f"--model.weights {weights}: " + ("is a folder" if Path(weights).is_dir() else "no such file")
                         + "; give a local .pth/.safetensors file (or null for random weights, with "
                         "--model.pretrained true for timm's hub weights)")
     if problems:
-        raise SystemExit("invalid settings:\n  - " + "\n  - ".join(problems))
+        raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))
 
 
 def check_config_order(configs) -> None:

@@ -31,6 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from taps_lightning.files.atomic import atomic_write, temporary_name
+
 from .runs import find_last_checkpoint
 
 __all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "resume_command", "BesideTargetCheckpointIO",
@@ -157,17 +159,9 @@ class BesideTargetCheckpointIO(TorchCheckpointIO):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier save of this file
-            if stale.name != f".{path.name}.{os.getpid()}.tmp":
+            if stale.name != temporary_name(path).name:
                 stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f), "the checkpoint")
 
 
 def use_beside_target_checkpoint_io(trainer) -> None:

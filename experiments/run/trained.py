@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
+from taps_lightning.errors import SettingsError
 from taps_lightning.training.compose import create_taps_module, flag_defaults
 from taps_lightning.training.lightning_module import TapsModule
 from taps_lightning.training.modes import mode_class
@@ -30,25 +31,29 @@ _MODULE_ARGS = set(flag_defaults()) - {"tasks"}
 def expand_paths(patterns: Sequence[str], suffixes: Sequence[str], flag: str) -> list[Path]:
     """The files ``patterns`` name, in order and without repeats: a file as is, a folder's files
     ending in ``suffixes`` (not recursive) and a glob's matches ending in ``suffixes`` (``**``
-    recurses). A missing path, an empty folder or a glob matching nothing is an error naming it."""
+    recurses). A path that exists is taken literally, even with ``[``, ``*`` or ``?`` in its name
+    (``a[1].png`` is a file, not a pattern). Each file is counted once, by its resolved path, so a
+    symlink loop (``d/loop -> .`` under ``d/**``) or a file named twice gives one entry. A missing
+    path, an empty folder or a glob matching nothing is a :class:`SettingsError` naming it."""
     def wanted(path: Path) -> bool:
         return path.is_file() and path.suffix.lower() in suffixes
 
-    paths: list[Path] = []
+    paths: dict[Path, Path] = {}  # resolved -> as found (the first spelling is kept)
     for pattern in patterns:
         path = Path(pattern)
-        if any(c in pattern for c in "*?["):
-            found = [p for p in map(Path, sorted(glob.glob(pattern, recursive=True))) if wanted(p)]
-        elif path.is_dir():
+        if path.is_dir():
             found = sorted(p for p in path.iterdir() if wanted(p))
         elif path.is_file():
             found = [path]
+        elif glob.has_magic(pattern):
+            found = [p for p in map(Path, sorted(glob.glob(pattern, recursive=True))) if wanted(p)]
         else:
-            raise SystemExit(f"{flag}: {pattern}: no such file or folder")
+            raise SettingsError(f"{flag}: {pattern}: no such file or folder")
         if not found:
-            raise SystemExit(f"{flag}: {pattern}: matches no {'/'.join(suffixes)} file")
-        paths += found
-    return list(dict.fromkeys(paths))
+            raise SettingsError(f"{flag}: {pattern}: matches no {'/'.join(suffixes)} file")
+        for p in found:
+            paths.setdefault(p.resolve(), p)
+    return list(paths.values())
 
 
 @dataclass

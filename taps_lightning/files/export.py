@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..core.config import StartsOffWarning
@@ -26,6 +27,7 @@ from ..models.taps_model import TASK_NAME, TapsModel
 from ..models.multitask import MultiTaskModel
 from ..core.signature import base_fingerprint, layout_signature
 from ..errors import TaskFileError
+from .atomic import atomic_write
 
 __all__ = ["save_task", "load_task", "merge", "task_metadata", "layout_signature", "base_fingerprint", "TaskFileError"]
 
@@ -44,13 +46,8 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
     """Refuse non-finite values, then write atomically (a temporary file renamed into place),
     so an interrupted export never leaves a truncated task file behind."""
     check_finite(tensors, f"save_task({task!r}) to {path}", _DIVERGED, error=ValueError)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = safetensors_bytes({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data), f"task file of {task!r}")
 
 
 def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
@@ -64,6 +61,11 @@ def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
     model._check_task(task)
     tensors, metadata = task_file_tensors(model, task), model.task_file_metadata(task)
     metadata.update(_class_names_metadata(model, task, class_names))
+    if "base_fingerprint" in metadata:  # the same whatever --trainer.precision the base had
+        dtype = _base_dtype(model)
+        metadata["base_fingerprint"] = _file_fingerprint(model)
+        if dtype != FILE_FLOAT_DTYPE:
+            metadata["base_dtype"] = str(dtype).replace("torch.", "")
     path = Path(path)
     _write(tensors, path, metadata, task)
     return path
@@ -76,12 +78,70 @@ def file_key(local: str, layer: str) -> str:
     return f"{first}.{layer}" + (f".{rest}" if rest else "")
 
 
+#: The dtype of every floating-point tensor in a task file, whatever precision trained the task
+#: (64-true, bf16-true, 16-true...): a file is then loadable onto any model, and what it holds never
+#: depends on the --trainer.precision of the run that wrote it.
+FILE_FLOAT_DTYPE = torch.float32
+
+
 def task_file_tensors(model: MultiTaskModel, task: str) -> dict[str, torch.Tensor]:
     """Every tensor of ``task``'s file: each per-task layer's :meth:`~TaskLayer.task_state` under
-    :func:`file_key`, and the head as ``head.<key>``."""
+    :func:`file_key`, and the head as ``head.<key>``; floating-point ones as :data:`FILE_FLOAT_DTYPE`."""
     tensors = {file_key(k, name): v for name, layer in model.task_layers() for k, v in layer.task_state(task).items()}
     tensors.update({f"head.{k}": v.detach() for k, v in model.heads[task].state_dict().items()})
-    return tensors
+    return {k: v.to(FILE_FLOAT_DTYPE) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+#: Floating dtypes a base may have been trained in (``--trainer.precision`` 64-true, 32-true, bf16-true, 16-true).
+_BASE_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _base_dtype(model: MultiTaskModel) -> torch.dtype:
+    return next((p.dtype for p in model.shared_parameters() if p.is_floating_point()), torch.float32)
+
+
+def _file_fingerprint(model: MultiTaskModel, rounded_to: torch.dtype | None = None) -> str:
+    """:func:`base_fingerprint` of the shared weights as :data:`FILE_FLOAT_DTYPE`, after rounding them to
+    ``rounded_to`` (the dtype the task was trained on): a task trained with a float64 or bf16 base matches
+    the float32 base it came from (what evaluate and predict build before applying their precision).
+    For a float32 base it is :func:`base_fingerprint` itself, as in files written before."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in model.shared_parameters():
+        t = p.detach().cpu()
+        if t.is_floating_point():
+            t = t.to(rounded_to or t.dtype).to(FILE_FLOAT_DTYPE)
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _held_dtypes(model: MultiTaskModel) -> dict[str, torch.dtype]:
+    """The dtype ``model`` holds for each task-file key, read from its existing tasks; a key no task holds
+    now (a closed layer's delta) has the dtype of the model's floating-point weights."""
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    held: dict[str, torch.dtype] = {}
+    for task in model.tasks:
+        for name, layer in model.task_layers():
+            for k, v in layer.task_state(task).items():
+                held.setdefault(file_key(k, name), v.dtype)
+        for k, v in model.heads[task].state_dict().items():
+            held.setdefault(f"head.{k}", v.dtype)
+    return {k: held.get(k, torch.long if k.endswith("num_batches_tracked") else floating)
+            for k in _expected_tensors(model, 1)}
+
+
+def _wrong_dtypes(tensors: dict[str, torch.Tensor], model: MultiTaskModel) -> list[str]:
+    """Entries whose dtype is not the one the model holds for them (a floating tensor may also be
+    :data:`FILE_FLOAT_DTYPE`, what save_task writes): int8 scores would become 0 and switch every layer off."""
+    held = _held_dtypes(model)
+    wrong = []
+    for k, v in tensors.items():
+        want = held.get(k)
+        if want is None or v.dtype == want or (v.dtype == FILE_FLOAT_DTYPE and want.is_floating_point):
+            continue
+        wrong.append(f"{k} {str(v.dtype).replace('torch.', '')} (expected {str(want).replace('torch.', '')})")
+    return wrong
 
 
 def _unreadable(path: Path, err: Exception) -> TaskFileError:
@@ -123,7 +183,7 @@ def _meta(path: Path, meta: dict[str, str], key: str, parse=str):
                             "save_task: re-export the task with taps_lightning.save_task")
     try:
         return parse(meta[key])
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, KeyError) as err:
         raise TaskFileError(f"{path}: metadata {key}={meta[key]!r} is malformed ({err}); re-export the task "
                             "with taps_lightning.save_task") from err
 
@@ -133,6 +193,68 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError("must be >= 1")
     return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _json_of(kind: type) -> Any:
+    def parse(text: str):
+        value = json.loads(text)
+        if not isinstance(value, kind):
+            raise ValueError(f"expected a JSON {kind.__name__}")
+        return value
+    return parse
+
+
+def _string_list(text: str) -> list[str]:
+    names = _json_of(list)(text)
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError("expected a JSON list of strings")
+    return names
+
+
+#: Every metadata key a task file (TAPS or progressive) may hold, with its parser: the one place that
+#: says what a valid value is. A present key that does not parse is a TaskFileError naming the file
+#: and the key; which keys must be present depends on the reader (load_task needs more than predict).
+METADATA_FIELDS: dict[str, Any] = {
+    "format": str, "task": str, "backbone": str, "threshold": _finite_float, "num_classes": _positive_int,
+    "gated_layers": _count, "active_layers": _count, "layout_signature": str, "base_fingerprint": str,
+    "layer_order": _json_of(list), "class_names": _string_list, "schedule": _json_of(list),
+    "groups": _json_of(dict), "path": _json_of(dict), "base_dtype": lambda text: _BASE_DTYPES[text],
+}
+
+
+def checked_metadata(path: Path, meta: dict[str, str], required: Sequence[str] = ()) -> dict[str, Any]:
+    """Every known key of ``meta`` parsed (:data:`METADATA_FIELDS`), the ``required`` ones present, and
+    the class names one per class; a bad or missing one is a :class:`TaskFileError` naming the file and
+    the key. Returns the parsed values (unknown keys as stored)."""
+    for key in required:
+        _meta(path, meta, key)
+    parsed: dict[str, Any] = dict(meta)
+    for key, parse in METADATA_FIELDS.items():
+        if key in meta:
+            parsed[key] = _meta(path, meta, key, parse)
+    names, count = parsed.get("class_names"), parsed.get("num_classes")
+    if names is not None and count is not None and len(names) != count:
+        raise TaskFileError(f"{path}: metadata class_names is malformed (a JSON list of {count} names expected) "
+                            f"but has {len(names)}; re-export the task with save_task")
+    active, gated = parsed.get("active_layers"), parsed.get("gated_layers")
+    if isinstance(active, int) and isinstance(gated, int) and active > gated:
+        raise TaskFileError(f"{path}: metadata active_layers={active} exceeds gated_layers={gated}; "
+                            "re-export the task with save_task")
+    return parsed
 
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str, fix: str,
@@ -171,6 +293,10 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
              if v.shape != expected[k]]
     if wrong:
         raise TaskFileError(f"{path}: wrong tensor shapes: {'; '.join(wrong[:3])}; {fix}")
+    wrong = _wrong_dtypes(tensors, model)
+    if wrong:
+        raise TaskFileError(f"{path}: wrong tensor dtypes: {'; '.join(wrong[:3])}"
+                            f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}; {fix}")
     check_finite(tensors, str(path), fix)
     for name, _ in model.taps_layers():
         score, delta = tensors[file_key("score", name)], file_key("delta", name)
@@ -194,29 +320,29 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
             loaded onto the pre-trained base). ``False`` loads it anyway.
     """
     path = Path(path)
-    tensors, meta = _read(path)
-    layout = _meta(path, meta, "layout_signature")
-    backbone = _meta(path, meta, "backbone")
+    tensors, raw = _read(path)
+    meta = checked_metadata(path, raw, ("layout_signature", "backbone", "base_fingerprint", "threshold",
+                                        "num_classes", *(() if task else ("task",))))
+    layout, backbone = meta["layout_signature"], meta["backbone"]
     if layout != layout_signature(model):
         raise TaskFileError(
             f"{path}: made for backbone {backbone!r} (layout {layout}), "
             f"but this model is {model.backbone_name!r} (layout {layout_signature(model)}); "
             f"create the model from {backbone!r} to load it"
         )
-    fingerprint = _meta(path, meta, "base_fingerprint")
-    if strict_base and fingerprint != base_fingerprint(model):
+    fingerprint = meta["base_fingerprint"]
+    if strict_base and fingerprint != (ours := _file_fingerprint(model, meta.get("base_dtype"))):
         raise TaskFileError(
             f"{path}: trained on different shared weights than this model's (base fingerprint "
-            f"{fingerprint} vs {base_fingerprint(model)}); load the same pre-trained or jointly "
+            f"{fingerprint} vs {ours}); load the same pre-trained or jointly "
             "trained base first (e.g. from its checkpoint), or pass strict_base=False"
         )
-    threshold = _meta(path, meta, "threshold", float)
+    threshold = meta["threshold"]
     if threshold != model.threshold:
-        raise TaskFileError(f"{path}: saved with threshold {meta['threshold']}, this model uses {model.threshold}; "
-                            f"create the model with threshold={meta['threshold']}")
-    num_classes = _meta(path, meta, "num_classes", _positive_int)
-    _class_names(path, meta)
-    task = task or _meta(path, meta, "task")
+        raise TaskFileError(f"{path}: saved with threshold {raw['threshold']}, this model uses {model.threshold}; "
+                            f"create the model with threshold={raw['threshold']}")
+    num_classes = meta["num_classes"]
+    task = task or meta["task"]
     if not isinstance(task, str) or not TASK_NAME.match(task):
         raise TaskFileError(f"{path}: task name {task!r} is not valid (letters, digits, '_' or '-'); "
                             "pass task=<name> to load it under another name")
@@ -260,18 +386,6 @@ def task_metadata(path: str | os.PathLike) -> dict[str, Any]:
     its tensors; ``class_names`` is decoded to a list, or ``None`` when the file has none."""
     path = Path(path)
     metadata: dict[str, Any] = _read_metadata(path)
-    metadata["class_names"] = _class_names(path, metadata)
+    parsed = checked_metadata(path, metadata)  # every known key valid, or a TaskFileError naming it
+    metadata["class_names"] = parsed.get("class_names")
     return metadata
-
-
-def _class_names(path: Path, metadata: dict[str, str]) -> list[str] | None:
-    """The ``class_names`` metadata as a list of strings (one per class), or ``None``."""
-    if "class_names" not in metadata:
-        return None
-    names = _meta(path, metadata, "class_names", json.loads)
-    count = metadata.get("num_classes")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or (
-            count is not None and str(len(names)) != count):
-        raise TaskFileError(f"{path}: metadata class_names is malformed (a JSON list of {count} names expected); "
-                            "re-export the task with save_task")
-    return names

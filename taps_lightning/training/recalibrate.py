@@ -38,7 +38,7 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
         model: any :class:`~taps_lightning.MultiTaskModel` (TAPS, progressive adapters, baselines).
         task: the task whose norms are re-estimated (its images are ``batches``).
         batches: input tensors (already on the model's device), e.g. the task's training images
-            under the evaluation transform.
+            under the evaluation transform; converted to the model's dtype, ``None`` entries skipped.
         reduce: sums a tensor over processes (DDP); ``None`` in a single process. Every process
             must call with its own shard of the batches (possibly none).
 
@@ -46,6 +46,10 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
         The number of images the statistics were computed on (over all processes); 0 when the task
         has no BatchNorm of its own (LayerNorm/GroupNorm-only models, shared norms), in which case
         ``batches`` is not read and nothing changes.
+
+    All or nothing: if any batch fails (a wrong shape, a batch of one image), every norm's running
+    statistics, batch count, momentum and train/eval flag are restored as they were, and the error
+    (with a note naming the batch) propagates.
     """
     norms = model.task_batchnorms(task)
     if not norms:
@@ -54,23 +58,31 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
              for norm in norms]
     modes = {module: module.training for module in model.modules()}
     previous_task = model.active_task
+    dtype = _input_dtype(model)
     model.eval()
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average: every batch counts the same
         norm.train()
-    seen = 0
+    seen, index = 0, -1
     try:
-        for x in batches:
+        for index, x in enumerate(batches):
+            if x is None:  # a batch whose every image was skipped (skip_corrupt)
+                continue
+            if x.is_floating_point() and x.dtype != dtype:  # float32 images, a float64 or bf16 model
+                x = x.to(dtype)
             model(x, task)
             seen += len(x)
         total = _average_over_processes(norms, seen, reduce)
         if total == 0:  # no images anywhere: keep what was there
-            for norm, (_, mean, var, count) in zip(norms, saved):
-                norm.running_mean.copy_(mean)
-                norm.running_var.copy_(var)
-                norm.num_batches_tracked.copy_(count)
+            _restore(norms, saved)
         return total
+    except BaseException as err:  # all or nothing: never statistics of the first batches only
+        _restore(norms, saved)
+        if isinstance(err, Exception):
+            err.add_note(f"recalibrate_norms({task!r}) failed at batch {index}; the running statistics of the "
+                         f"task's {len(norms)} BatchNorm(s) are restored as they were")
+        raise
     finally:
         for norm, (momentum, *_) in zip(norms, saved):
             norm.momentum = momentum
@@ -80,6 +92,21 @@ def recalibrate_norms(model: MultiTaskModel, task: str, batches: Iterable[Tensor
                 module.training = training
         if previous_task is not None and previous_task != task:
             model.set_task(previous_task)
+
+
+def _input_dtype(model: MultiTaskModel) -> torch.dtype:
+    """The dtype inputs must have for ``model``: that of its floating-point weights (float64 under
+    ``--trainer.precision 64-true``, bfloat16 under ``bf16-true``; under ``*-mixed`` the weights stay
+    float32 and autocast converts inside)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
+def _restore(norms: list[_BatchNorm], saved: list[tuple]) -> None:
+    """Put back each norm's running statistics and batch count as :func:`recalibrate_norms` found them."""
+    for norm, (_, mean, var, count) in zip(norms, saved):
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+        norm.num_batches_tracked.copy_(count)
 
 
 def _average_over_processes(norms: list[_BatchNorm], images: int, reduce: Callable[[Tensor], Tensor] | None) -> int:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import taps_lightning as tl
+from taps_lightning.errors import OutputError, SettingsError
 from datamodules import CorruptImageError
 from datamodules.check import check
 from datamodules.folder import ImageFolderTasks
@@ -98,7 +99,7 @@ def test_predict_escapes_formulas_and_refuses_a_folder_as_output(task_file, tmp_
     common = TEST_RESNET + ["--tasks_from", str(task_file), "--images", str(image), "--trainer.enable_progress_bar",
                             "false"]
     (tmp_path / "out").mkdir()
-    with pytest.raises(SystemExit, match=r"--output .*out: is a folder; give the CSV file to write"):
+    with pytest.raises(OutputError, match=r"--output .*out: is a folder, not the predictions CSV; give another path"):
         predict.main(common + ["--output", str(tmp_path / "out")])
     out = predict.main(common + ["--output", str(tmp_path / "p.csv"), "--top_k", "5"])
     rows = list(csv.reader(open(out)))
@@ -130,14 +131,14 @@ def test_predict_names_a_bomb_without_a_traceback(task_file, tmp_path):
 ])
 def test_out_of_range_data_sizes_are_refused_before_any_folder(flag, value, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SettingsError, match=message):
         fit_main(TEST_RESNET + [f"--data.init_args.{flag}", value])
     assert not (tmp_path / "logs").exists()
 
 
 def test_image_folder_sizes_are_checked_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"invalid settings:\n  - --data.init_args.batch_size .*got 0\n  - "
+    with pytest.raises(SettingsError, match=r"invalid settings:\n  - --data.init_args.batch_size .*got 0\n  - "
                                          r"--data.init_args.image_size .* got 10000"):
         fit_main(TEST_RESNET + ["--data", "ImageFolderTasks", "--data.init_args.root", str(tmp_path),
                                 "--data.init_args.batch_size", "0", "--data.init_args.image_size", "10000"])
@@ -214,9 +215,9 @@ def test_fit_command_prints_a_setting_error_without_a_traceback(tmp_path):
 
 def test_weights_and_checkpoint_paths_that_are_no_files_are_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match=r"--model.weights .*missing.pth: no such file; give a local"):
+    with pytest.raises(SettingsError, match=r"--model.weights .*missing.pth: no such file; give a local"):
         fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path / "missing.pth")])
-    with pytest.raises(SystemExit, match=r"--model.weights .*: is a folder"):
+    with pytest.raises(SettingsError, match=r"--model.weights .*: is a folder"):
         fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--ckpt_path: .*: is a folder; give a .ckpt file in it"):
         fit_main(TEST_RESNET + ["--ckpt_path", str(tmp_path)])
