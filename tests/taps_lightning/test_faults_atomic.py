@@ -34,6 +34,12 @@ def _save_checkpoint(path: Path) -> None:
     BesideTargetCheckpointIO().save_checkpoint({"epoch": 1}, path)
 
 
+def _submission(path: Path) -> None:
+    from datamodules import write_submission
+
+    write_submission({"dtd": [(1, 0)]}, {"dtd": [7]}, path)
+
+
 def _helper(path: Path) -> None:
     atomic_write(path, lambda f: f.write(b"new"))
 
@@ -41,7 +47,7 @@ def _helper(path: Path) -> None:
 #: Every writer that must go through atomic_write (embedded data and reproduce's record are built by
 #: the same call; they need a dataset build or a training run to reach it).
 WRITERS: dict[str, Callable[[Path], None]] = {"helper": _helper, "save_task": _save_task, "predict_csv": _write_csv,
-                                              "checkpoint_io": _save_checkpoint}
+                                              "checkpoint_io": _save_checkpoint, "decathlon_submission": _submission}
 
 
 @pytest.fixture
