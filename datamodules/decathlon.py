@@ -9,6 +9,8 @@ from typing import Sequence
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from taps_lightning.files.atomic import atomic_write
+
 from .base import MultiTaskDataModule
 from .images import DataLayoutError, ImageListDataset, listed_path
 from .transforms import to_normalized_tensor
@@ -83,7 +85,7 @@ def write_submission(predictions: dict[str, list[tuple[int, int]]], category_ids
     results = [{"image_id": int(image_id), "category_id": int(category_ids[task][label])}
                for task, rows in predictions.items() for image_id, label in rows]
     path = Path(path)
-    path.write_text(json.dumps(results))
+    atomic_write(path, lambda f: f.write(json.dumps(results)), "the Decathlon results file", text=True)
     return path
 
 

@@ -17,6 +17,7 @@ from datamodules import CorruptImageError, DataLayoutError
 from datamodules.embedded import environment_problems
 from taps_lightning import TaskFileError
 from taps_lightning.errors import TapsError
+from taps_lightning.files.atomic import temporary_name
 from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
 from taps_lightning.models.multitask import TASK_NAME
 
@@ -165,7 +166,7 @@ def check_task_names(tasks, adapter_folder: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     limit = _longest_name(existing)
-    too_long = [t for t in tasks if len(os.fsencode(f".{t}.safetensors.{os.getpid()}.tmp")) > limit]
+    too_long = [t for t in tasks if len(os.fsencode(temporary_name(Path(f"{t}.safetensors")).name)) > limit]
     if too_long:
         shown = ", ".join(repr(t[:40] + "...") for t in too_long[:3])
         raise SystemExit(f"task name(s) {shown} too long: the adapter file <task>.safetensors (and its temporary file) "

@@ -127,9 +127,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], what: str
         with os.fdopen(fd, "wb") as raw:
             if text:
                 wrapper = io.TextIOWrapper(raw, encoding="utf-8", newline="")
-                write(wrapper)
-                wrapper.flush()
-                wrapper.detach()
+                try:
+                    write(wrapper)
+                finally:
+                    wrapper.detach()  # flushes; the raw file stays ours to fsync and close
             else:
                 write(raw)
             raw.flush()

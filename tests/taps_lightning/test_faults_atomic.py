@@ -34,6 +34,12 @@ def _save_checkpoint(path: Path) -> None:
     BesideTargetCheckpointIO().save_checkpoint({"epoch": 1}, path)
 
 
+def _submission(path: Path) -> None:
+    from datamodules import write_submission
+
+    write_submission({"dtd": [(1, 0)]}, {"dtd": [7]}, path)
+
+
 def _helper(path: Path) -> None:
     atomic_write(path, lambda f: f.write(b"new"))
 
@@ -41,7 +47,7 @@ def _helper(path: Path) -> None:
 #: Every writer that must go through atomic_write (embedded data and reproduce's record are built by
 #: the same call; they need a dataset build or a training run to reach it).
 WRITERS: dict[str, Callable[[Path], None]] = {"helper": _helper, "save_task": _save_task, "predict_csv": _write_csv,
-                                              "checkpoint_io": _save_checkpoint}
+                                              "checkpoint_io": _save_checkpoint, "decathlon_submission": _submission}
 
 
 @pytest.fixture
@@ -127,12 +133,14 @@ def test_symlink_is_written_through(tmp_path):
     assert link.is_symlink() and real.read_bytes() == b"new"
 
 
-def test_read_only_target_is_refused(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root may write read-only files")
+def test_read_only_target_is_refused(tmp_path, monkeypatch):
+    """open() would refuse a read-only file; os.replace would silently replace it."""
     path = tmp_path / "ro.bin"
     path.write_bytes(b"old")
     path.chmod(0o444)
+    if os.geteuid() == 0:  # root may write anything: let access() answer as for a user
+        real = os.access
+        monkeypatch.setattr(atomic.os, "access", lambda p, mode: False if Path(p) == path else real(p, mode))
     with pytest.raises(OutputError, match="read-only"):
         _helper(path)
     assert path.read_bytes() == b"old"

@@ -58,6 +58,10 @@ def test_precision_runs_end_to_end(precision, tmp_path):
         trainer.fit(module, datamodule=dm)
         trainer.test(module, datamodule=dm, verbose=False)
     assert NormRecalibration.of(trainer).images  # the norms were re-estimated
+    dtype = next(module.model.parameters()).dtype
+    merged = tl.merge(module.model.eval(), "a").eval()  # merge in the precision it was trained in
+    with torch.no_grad():
+        assert merged(torch.rand(2, 3, 32, 32, dtype=dtype)).dtype == dtype
     path = tl.save_task(module.model, "a", tmp_path / "a.safetensors")
     torch.manual_seed(0)
     fresh = create_taps_module(**TINY, tasks={"b": 3})  # the float32 base evaluate/predict build
