@@ -13,6 +13,8 @@ import argparse
 import sys
 import warnings
 
+from taps_lightning.errors import EXIT_USER_ERROR, run_command
+
 from .base import SPLITS, MultiTaskDataModule
 from .decathlon import VisualDecathlon
 from .domainnet import DomainNet
@@ -102,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="layout and counts only; do not decode every image")
     args = parser.parse_args(argv)
     dm = BENCHMARKS[args.benchmark](root=args.root, tasks=args.tasks, num_workers=0)
-    return 1 if check(dm, decode=not args.quick) else 0
+    return EXIT_USER_ERROR if check(dm, decode=not args.quick) else 0  # problems: data to fix (the boundary's status 2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))  # the error boundary: a user error is its message and exit status 2

@@ -22,8 +22,8 @@ from callbacks import LayerSelectionLogger, TaskExport, TaskParamLogger, TaskSim
 from callbacks.selection import log_images, save_images, selection_images
 from datamodules import MultiTaskDataModule
 from taps_lightning.training.compose import create_taps_module
+from taps_lightning.errors import SettingsError, run_command
 
-from .run.inputs import run_cli
 from .run.trained import TrainedCLI
 
 #: fit's callbacks that act on training (checkpoints, exports, per-epoch logs): left out here.
@@ -45,14 +45,14 @@ class EvaluateCLI(TrainedCLI):
 
     def before_instantiate_classes(self) -> None:
         if (self.config.recalibrate_batches or 0) < 0:
-            raise SystemExit(f"--recalibrate_batches must be >= 0, got {self.config.recalibrate_batches}")
+            raise SettingsError(f"--recalibrate_batches must be >= 0, got {self.config.recalibrate_batches}")
         super().before_instantiate_classes()
         # the data's tasks are the trained ones (in --data.tasks' order when it lists them, e.g. a run's config)
         data_args, tasks = self.config.data.init_args, list(self.trained.num_classes)
         if data_args.tasks is None:
             data_args.tasks = tasks
         elif missing := [t for t in tasks if t not in data_args.tasks]:
-            raise SystemExit(f"--data.tasks {list(data_args.tasks)} lacks {missing} of {self.trained.origin()}; "
+            raise SettingsError(f"--data.tasks {list(data_args.tasks)} lacks {missing} of {self.trained.origin()}; "
                              "drop --data.tasks or add them (to evaluate some tasks, pass only their files to --tasks_from)")
         else:
             data_args.tasks = [t for t in data_args.tasks if t in tasks]
@@ -91,4 +91,4 @@ def _evaluate(cli: EvaluateCLI) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user error (setting, data folder, task file): its message, no traceback
+    run_command(main)  # the error boundary: a user error is its message and exit status 2, no traceback

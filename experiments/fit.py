@@ -20,9 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from callbacks.export import adapter_dir
 from datamodules import MultiTaskDataModule
 from taps_lightning.training.compose import create_taps_module
+from taps_lightning.errors import run_command
 
 from .run.cli import TapsCLI
-from .run.inputs import run_cli
 from .run.preemption import exit_on_sigterm
 
 
@@ -56,4 +56,4 @@ def _fit_and_test(cli: TapsCLI) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user error (setting, data folder, image): its message, no traceback
+    run_command(main)  # the error boundary: a user error is its message and exit status 2, no traceback

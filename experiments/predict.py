@@ -30,8 +30,8 @@ from datamodules.images import IMAGE_EXTENSIONS, load_rgb
 from taps_lightning import merge
 from taps_lightning.files.atomic import atomic_write, check_replaceable
 from taps_lightning.training.compose import create_taps_module
+from taps_lightning.errors import SettingsError, run_command
 
-from .run.inputs import run_cli
 from .run.runs import check_writable
 from .run.trained import TrainedCLI, expand_paths
 
@@ -70,9 +70,9 @@ class PredictCLI(TrainedCLI):
         super().before_instantiate_classes()
         cfg = self.config
         if not cfg.images:
-            raise SystemExit("--images: give image files, folders or globs to predict")
+            raise SettingsError("--images: give image files, folders or globs to predict")
         if cfg.top_k < 1:
-            raise SystemExit(f"--top_k must be >= 1, got {cfg.top_k}")
+            raise SettingsError(f"--top_k must be >= 1, got {cfg.top_k}")
         check_replaceable(cfg.output, "the predictions CSV", "--output")  # a folder, device, FIFO: refused
         check_writable(Path(cfg.output).absolute().parent, "--output", "--output")  # before any image is read
         self.images = expand_paths(cfg.images, IMAGE_EXTENSIONS, "--images")
@@ -91,7 +91,7 @@ def _fabric(trainer_cfg) -> Fabric:
     devices = 1 if trainer_cfg.devices == "auto" else trainer_cfg.devices
     fabric = Fabric(accelerator=trainer_cfg.accelerator, devices=devices, precision=trainer_cfg.precision)
     if fabric.world_size != 1:
-        raise SystemExit(f"predict runs in one process on one device; got --trainer.devices {trainer_cfg.devices}")
+        raise SettingsError(f"predict runs in one process on one device; got --trainer.devices {trainer_cfg.devices}")
     return fabric
 
 
@@ -173,4 +173,4 @@ def main(args: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    run_cli(main)  # a user error (an undecodable image, a task file): its message, no traceback
+    run_command(main)  # the error boundary: a user error is its message and exit status 2, no traceback

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from callbacks import ResultsReport
+from taps_lightning.errors import SettingsError, TapsError, run_command
 from taps_lightning.files.atomic import atomic_write
 
 LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
@@ -183,7 +184,7 @@ def _train_missing(todo: list[tuple[str, int]], runs: Path, quick: bool, jobs: i
                 if proc.returncode != 0:
                     failed.append(key)
     if failed:
-        raise SystemExit(f"runs failed (see their .log files in {runs}): {failed}")
+        raise TapsError(f"runs failed (see their .log files in {runs}): {failed}")
 
 
 def _mean_std(values: list[float], digits: int, suffix: str = "") -> str:
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> Path:
             results.append((label, [r["rows"] for r in found]))
             records += found
     if not results:
-        raise SystemExit(f"no finished runs in {runs}; run without --no-train first")
+        raise SettingsError(f"no finished runs in {runs}; run without --no-train first")
     command = ("python -m experiments.reproduce" + (" --quick" if args.quick else "")
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
     threads = sorted({r.get("threads") for r in records})
@@ -366,4 +367,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_command(main, sys.argv[1:])  # the error boundary: a user error is its message and exit status 2

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger, lifecycle_callbacks)
 from taps_lightning.training.budget import BUDGET_MONITOR
+from taps_lightning.errors import SettingsError
 from taps_lightning.training.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
@@ -126,7 +127,8 @@ class TapsCLI(LightningCLI):
         root_dir = cfg.trainer.default_root_dir
         if init is None or not hasattr(init, "save_dir"):
             if resuming:
-                raise SystemExit("--ckpt_path last needs the TensorBoard logger; pass the .ckpt path instead")
+                raise SettingsError("--ckpt_path last finds a run by its TensorBoard logger folder, but --trainer.logger is off; "
+                                    "pass the .ckpt path instead (e.g. --ckpt_path <checkpoint folder>/last.ckpt)")
             if rank_zero_only.rank == 0:
                 check_writable(root_dir or os.getcwd(), "--trainer.default_root_dir")
             return None
@@ -162,9 +164,9 @@ class TapsCLI(LightningCLI):
             lock = RunLock(run_dir).acquire()
             if resuming:  # only now: a live run may be writing its last.ckpt
                 read_checkpoint(cfg.ckpt_path)
-        except RunInUseError as err:
-            raise SystemExit(str(err)) from None
-        except SystemExit:
+        except RunInUseError:
+            raise
+        except BaseException:
             lock.release()
             raise
         ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"

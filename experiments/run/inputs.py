@@ -11,43 +11,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
-from datamodules import CorruptImageError, DataLayoutError
 from datamodules.embedded import environment_problems
-from taps_lightning import TaskFileError
-from taps_lightning.errors import TapsError
 from taps_lightning.files.atomic import temporary_name
-from taps_lightning.training.checks import SettingsError, class_name_changes, data_class_names
+from taps_lightning.training.checks import class_name_changes, data_class_names
+from taps_lightning.errors import CheckpointError, SettingsError
 from taps_lightning.models.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["run_cli", "USER_ERRORS", "check_data_flags", "precision_problem", "check_against_data", "data_flag_problems", "task_classes",
+__all__ = ["check_data_flags", "precision_problem", "check_against_data", "data_flag_problems", "task_classes",
            "MAX_IMAGE_SIZE"]
-
-#: Errors about what a user gave (a setting, a data folder, an image, a task file, an output path),
-#: whose message names it and the fix: the command line prints them without a traceback. Every one
-#: derives from TapsError (OutputError too, which predict's CSV write raises).
-USER_ERRORS = (TapsError, SettingsError, DataLayoutError, CorruptImageError, TaskFileError)
-
-
-def plain_message(err: BaseException) -> str:
-    """The error's own message (an error re-raised from a DataLoader worker carries the worker's
-    traceback as text; its last line is the message)."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """``main()`` of a command-line tool: a user error ends with its message and status 1, no traceback."""
-    try:
-        main()
-    except USER_ERRORS as err:
-        raise SystemExit(plain_message(err)) from None
-
 
 #: Largest image side accepted (``image_size``, ``resize_to``): a batch of 32 RGB float images of
 #: 4096 x 4096 already takes 6 GiB before the network; 10000 px grew past 9 GB before anything failed.
@@ -142,7 +116,7 @@ def task_classes(num_classes: dict[str, int]) -> dict[str, int]:
     ...) is refused naming the folder's task, instead of a traceback from the model."""
     bad = [t for t in num_classes if not isinstance(t, str) or not TASK_NAME.match(t)]
     if bad:
-        raise SystemExit(f"task name(s) {bad[:5]} (from the data's task folders or --data.init_args.tasks) may use "
+        raise SettingsError(f"task name(s) {bad[:5]} (from the data's task folders or --data.init_args.tasks) may use "
                          "only letters, digits, '_' and '-': they name heads, adapter files and logged metrics. "
                          "Rename the folder(s), e.g. " + ", ".join(f"{t!r} -> {_suggest(t)!r}" for t in bad[:3]))
     return num_classes
@@ -169,7 +143,7 @@ def check_task_names(tasks, adapter_folder: Path) -> None:
     too_long = [t for t in tasks if len(os.fsencode(temporary_name(Path(f"{t}.safetensors")).name)) > limit]
     if too_long:
         shown = ", ".join(repr(t[:40] + "...") for t in too_long[:3])
-        raise SystemExit(f"task name(s) {shown} too long: the adapter file <task>.safetensors (and its temporary file) "
+        raise SettingsError(f"task name(s) {shown} too long: the adapter file <task>.safetensors (and its temporary file) "
                          f"would exceed this file system's {limit}-byte file names. Rename the task folder(s) to "
                          f"at most {limit - 30} bytes")
 
@@ -192,4 +166,4 @@ def check_against_data(cli) -> None:
     changes = class_name_changes({t: n for t, n in recorded.items() if t in tasks}, data_class_names(data, tasks),
                                  origin)
     if changes:
-        raise SystemExit(changes)
+        raise CheckpointError(changes)

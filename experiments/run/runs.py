@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from taps_lightning.errors import CheckpointError, OutputError, TapsError
+
 __all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint",
            "RUN_VERSION_ENV"]
 
@@ -26,7 +28,7 @@ RUN_VERSION_ENV = "TAPS_RUN_VERSION"
 LOCK_NAME = ".running"
 
 
-class RunInUseError(RuntimeError):
+class RunInUseError(TapsError, RuntimeError):
     """The run folder is held by a live process."""
 
 
@@ -63,7 +65,7 @@ def check_writable(folder: str | os.PathLike, what: str, flag: str = "--trainer.
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write_test_"):
             pass
     except OSError as err:
-        raise SystemExit(
+        raise OutputError(
             f"{what}: cannot write to {folder} ({type(err).__name__}: {err.strerror or err}"
             f"{f' at {existing}' if existing != folder else ''}). "
             f"Choose a writable folder (e.g. {flag} /scratch/$USER); nothing has run yet."
@@ -118,21 +120,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     with errors that name ``--ckpt_path`` and the file instead of a traceback."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--ckpt_path: {path}: " + ("is a folder; give a .ckpt file in it (e.g. last.ckpt)"
+        raise CheckpointError(f"--ckpt_path: {path}: " + ("is a folder; give a .ckpt file in it (e.g. last.ckpt)"
                                                      if path.is_dir() else "no such file"))
     try:
         # mmap: checking a file (or reading its hyper-parameters) does not read every tensor into memory
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
-        raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint (not a torch file, or one holding Python "
+        raise CheckpointError(f"--ckpt_path: {path}: not a readable checkpoint (not a torch file, or one holding Python "
                          "objects besides tensors and plain values, which is never unpickled: it could run code); "
                          "use a checkpoint written by experiments.fit") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise SystemExit(f"--ckpt_path: {path}: not a readable checkpoint ({reason}); it may be truncated "
+        raise CheckpointError(f"--ckpt_path: {path}: not a readable checkpoint ({reason}); it may be truncated "
                          "(an interrupted save): use another, e.g. best-*.ckpt") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise SystemExit(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict); "
+        raise CheckpointError(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict); "
                          "give a .ckpt written by experiments.fit")
     return checkpoint
 
@@ -141,7 +143,7 @@ def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:
     """Newest ``<save_dir>/<name>/version_*/checkpoints/last.ckpt`` and its version number."""
     candidates = sorted(Path(save_dir, name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:
-        raise SystemExit(
+        raise CheckpointError(
             f"--ckpt_path last: no last.ckpt under {Path(save_dir, name)}/version_*/checkpoints/. "
             "Train first, pass the path of a .ckpt, or use the same --trainer.logger.init_args.name as the run to resume."
         )

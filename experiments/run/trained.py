@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
-from taps_lightning.errors import SettingsError
+from taps_lightning.errors import CheckpointError, SettingsError
 from taps_lightning.training.compose import create_taps_module, flag_defaults
 from taps_lightning.training.lightning_module import TapsModule
 from taps_lightning.training.modes import mode_class
@@ -73,7 +73,7 @@ class TrainedTasks:
         checkpoint = read_checkpoint(path)
         hparams = checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams.get("tasks"), dict) or "backbone" not in hparams:
-            raise SystemExit(f"--ckpt_path: {path}: no TapsModule hyper-parameters (backbone, tasks) in it; "
+            raise CheckpointError(f"--ckpt_path: {path}: no TapsModule hyper-parameters (backbone, tasks) in it; "
                              "give a checkpoint written by experiments.fit")
         names = checkpoint.get("taps_class_names")  # recorded by fit: the labels as trained
         names = names if isinstance(names, dict) else {}
@@ -90,7 +90,7 @@ class TrainedTasks:
                                     "export tasks with taps_lightning.save_task")
             task = meta["task"]
             if task in trained.files:
-                raise SystemExit(f"--tasks_from: {trained.files[task]} and {path} both hold task {task!r}; "
+                raise SettingsError(f"--tasks_from: {trained.files[task]} and {path} both hold task {task!r}; "
                                  "pass one file per task")
             trained.files[task], trained.num_classes[task] = path, int(meta["num_classes"])
             trained.stored_class_names[task] = meta["class_names"]
@@ -111,7 +111,7 @@ class TrainedTasks:
                 model_cfg[key] = self.hparams[key]
             model_cfg.pretrained, model_cfg.weights, model_cfg.weights_sha256 = False, None, None
         elif not mode_class(model_cfg.mode).learns_gates:
-            raise SystemExit(f"--tasks_from loads TAPS task files, but --model.mode is {model_cfg.mode!r}; "
+            raise SettingsError(f"--tasks_from loads TAPS task files, but --model.mode is {model_cfg.mode!r}; "
                              "use the default (incremental), or --ckpt_path for a baseline or progressive run")
         if model_cfg.mode == "memory_efficient":
             model_cfg.joint_epochs = 0  # evaluate the tasks as trained (TAPS on), not the joint warm-up phase
@@ -122,14 +122,14 @@ class TrainedTasks:
             return list(self.num_classes)
         unknown = [t for t in tasks if t not in self.num_classes]
         if unknown:
-            raise SystemExit(f"--tasks: {unknown} not in {self.origin()}, which holds {list(self.num_classes)}")
+            raise SettingsError(f"--tasks: {unknown} not in {self.origin()}, which holds {list(self.num_classes)}")
         return list(dict.fromkeys(tasks))
 
     def check_data(self, data_classes: dict[str, int]) -> None:
         """The DataModule must give every task as many classes as its trained head has."""
         for task, n in self.num_classes.items():
             if data_classes.get(task) != n:
-                raise SystemExit(f"{self.origin(task)}: task {task!r} has {n} classes, but --data gives "
+                raise SettingsError(f"{self.origin(task)}: task {task!r} has {n} classes, but --data gives "
                                  f"{data_classes.get(task)}; use the data the task was trained on "
                                  "(e.g. --config <run folder>/config.yaml)")
 
@@ -173,10 +173,10 @@ class TrainedCLI(TapsCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         if cfg.ckpt_path == "last":
-            raise SystemExit("--ckpt_path last resumes training (experiments.fit); give the path of a .ckpt, "
+            raise SettingsError("--ckpt_path last resumes training (experiments.fit); give the path of a .ckpt, "
                              "e.g. logs/taps/version_0/checkpoints/best-03.ckpt")
         if (cfg.ckpt_path is None) == (cfg.tasks_from is None):
-            raise SystemExit("give either --ckpt_path PATH.ckpt (a checkpoint of experiments.fit) or "
+            raise SettingsError("give either --ckpt_path PATH.ckpt (a checkpoint of experiments.fit) or "
                              "--tasks_from FILES (task .safetensors files, e.g. <run>/checkpoints/adapters/*.safetensors)")
         self.trained = (TrainedTasks.from_checkpoint(cfg.ckpt_path) if cfg.ckpt_path
                         else TrainedTasks.from_files(cfg.tasks_from))

@@ -126,7 +126,7 @@ def test_empty_root_is_refused_by_check_setup_and_fit(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     root = tmp_path / "empty"
     message = rf"{root} has no task folders: expected {root}/<task>/\{{train,test\}}/<class>/<image>"
-    assert check_main(["imagefolder", str(root), "--quick"]) == 1
+    assert check_main(["imagefolder", str(root), "--quick"]) == 2  # problems: data to fix
     assert "PROBLEM" in capsys.readouterr().out
     with pytest.raises(DataLayoutError, match=message):
         ImageFolderTasks(str(root), num_workers=0).setup("fit")
@@ -145,7 +145,7 @@ def test_empty_class_folder_is_refused(tmp_path, capsys):
     message = f"{tmp_path}/t/train/class8, {tmp_path}/t/train/class9 has no images: remove the empty class folder"
     with pytest.raises(DataLayoutError, match=message):
         ImageFolderTasks(str(tmp_path), num_workers=0).setup("fit")
-    assert check_main(["imagefolder", str(tmp_path), "--quick"]) == 1
+    assert check_main(["imagefolder", str(tmp_path), "--quick"]) == 2  # problems: data to fix
     assert message in capsys.readouterr().out
 
 

@@ -26,7 +26,7 @@ def test_truncated_jpeg_is_reported_by_name(tmp_path):
         batch, _, _ = next(iter(skipping.train_dataloader()))
     assert len(batch["flowers"][1]) == 5
     assert check_main(["imagefolder", str(tmp_path), "--quick"]) == 0  # layout alone is fine
-    assert check_main(["imagefolder", str(tmp_path)]) == 1
+    assert check_main(["imagefolder", str(tmp_path)]) == 2  # problems: data to fix
 
 
 @pytest.mark.parametrize("kind,mode", [("png", "I;16"), ("tiff16b", "I;16B"), ("tiff32", "I"), ("pgm", "I")])

@@ -3,6 +3,7 @@ loader and image sizes, an existing folder as --output, task names too long for 
 file, and a config-free library call that can never switch a layer on."""
 import csv
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -21,6 +22,7 @@ from datamodules.folder import ImageFolderTasks
 from datamodules.images import ImageListDataset, collate_skipping_none, decode_rgb
 from experiments import predict
 from experiments.fit import main as fit_main
+from taps_lightning.errors import TapsError
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_RESNET = ["--model.backbone", "test_resnet", "--model.weights", "null"]
@@ -81,7 +83,7 @@ def test_datamodules_check_command_lists_a_bomb_without_a_traceback(tmp_path):
     write_bomb(root / "shapes" / "train" / "dark" / "huge.png")
     result = subprocess.run([sys.executable, "-m", "datamodules.check", "imagefolder", str(root)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "PROBLEM " in result.stdout and "huge.png: too large to decode" in result.stdout
 
 
@@ -116,7 +118,7 @@ def test_predict_names_a_bomb_without_a_traceback(task_file, tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.predict", *TEST_RESNET, "--tasks_from", str(task_file),
                              "--images", str(bomb), "--output", str(tmp_path / "p.csv")], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"{bomb}: cannot decode image (Image size (400000000 pixels) exceeds limit" in result.stderr
     assert not (tmp_path / "p.csv").exists()
 
@@ -150,7 +152,7 @@ def test_a_task_name_too_long_for_its_adapter_file_is_refused_before_training(tm
     monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
     long_name = "t" * 240
     root = _folder_tasks(tmp_path / "data", task=long_name)
-    with pytest.raises(SystemExit, match=r"task name\(s\) 'tttt.*\.\.\.' too long: the adapter file <task>.safetensors"):
+    with pytest.raises(TapsError, match=r"task name\(s\) 'tttt.*\.\.\.' too long: the adapter file <task>.safetensors"):
         fit_main(TEST_RESNET + ["--data", "ImageFolderTasks", "--data.init_args.root", str(root),
                                 "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0"])
     assert not list((tmp_path / "logs" / "taps").glob("version_*"))  # the claimed folder is given back
@@ -172,14 +174,19 @@ def test_library_warns_when_no_layer_can_ever_switch_on(tmp_path):
         carrier.add_task("c", 4)
 
 
-def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, monkeypatch):
+def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, monkeypatch, capsys):
+    from taps_lightning.errors import run_command
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
     root = _folder_tasks(tmp_path / "data", task="stanford cars")
-    with pytest.raises(SystemExit, match=r"task name\(s\) \['stanford cars'\] .*Rename the folder\(s\), e.g. "
-                                         r"'stanford cars' -> 'stanford_cars'"):
-        fit_main(TEST_RESNET + ["--data", "ImageFolderTasks", "--data.init_args.root", str(root),
-                                "--data.init_args.num_workers", "0"])
+    with pytest.raises(SystemExit) as info:  # raised inside jsonargparse's link, which wraps it: still plain
+        run_command(fit_main, TEST_RESNET + ["--data", "ImageFolderTasks", "--data.init_args.root", str(root),
+                                             "--data.init_args.num_workers", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert re.search(r"^task name\(s\) \['stanford cars'\] .*Rename the folder\(s\), e.g. 'stanford cars' -> 'stanford_cars'$",
+                     err.strip()), err
     assert not list((tmp_path / "logs" / "taps").glob("version_*"))
 
 
@@ -193,14 +200,17 @@ def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, m
      r"unknown task\(s\) \['nope'\] for ImageFolderTasks \(--data.init_args.tasks\); available: \['shapes'\]"),
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}/missing"], r"missing: data folder not found"),
 ])
-def test_user_errors_end_with_their_message_not_a_traceback(args, message, tmp_path, monkeypatch):
-    from experiments.run.inputs import run_cli
+def test_user_errors_end_with_their_message_not_a_traceback(args, message, tmp_path, monkeypatch, capsys):
+    from taps_lightning.errors import EXIT_USER_ERROR, run_command
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
     root = _folder_tasks(tmp_path / "data")
-    with pytest.raises(SystemExit, match=message):
-        run_cli(lambda: fit_main(TEST_RESNET + [a.format(root=root) for a in args]))
+    with pytest.raises(SystemExit) as info:
+        run_command(fit_main, TEST_RESNET + [a.format(root=root) for a in args])
+    assert info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert re.search(message, err.strip(), re.M) and "Traceback" not in err, err
     assert not list((tmp_path / "logs" / "taps").glob("version_*"))
 
 
@@ -209,7 +219,7 @@ def test_fit_command_prints_a_setting_error_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "experiments.fit", *TEST_RESNET, "--model.threshold", "0"],
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "--model.threshold (tau) must be a finite number > 0" in result.stderr
 
 
@@ -219,7 +229,7 @@ def test_weights_and_checkpoint_paths_that_are_no_files_are_named(tmp_path, monk
         fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path / "missing.pth")])
     with pytest.raises(SettingsError, match=r"--model.weights .*: is a folder"):
         fit_main(["--model.backbone", "test_resnet", "--model.weights", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"--ckpt_path: .*: is a folder; give a .ckpt file in it"):
+    with pytest.raises(TapsError, match=r"--ckpt_path: .*: is a folder; give a .ckpt file in it"):
         fit_main(TEST_RESNET + ["--ckpt_path", str(tmp_path)])
     assert not (tmp_path / "logs").exists()
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from experiments.run.runs import RunInUseError, RunLock, claim_version
+from taps_lightning.errors import TapsError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.tasks", "[mnist]",
@@ -98,9 +99,9 @@ def test_default_root_dir_is_honoured_and_save_dir_still_works(in_tmp):
 def test_unwritable_checkpoint_folder_is_refused_before_training(in_tmp):
     blocker = in_tmp / "a_file"
     blocker.write_text("not a folder")
-    with pytest.raises(SystemExit, match=rf"checkpoint folder \(--checkpoint.dirpath\): cannot write to {blocker}/ckpt .*--checkpoint.dirpath /scratch"):
+    with pytest.raises(TapsError, match=rf"checkpoint folder \(--checkpoint.dirpath\): cannot write to {blocker}/ckpt .*--checkpoint.dirpath /scratch"):
         _cli(TINY + ["--checkpoint.dirpath", str(blocker / "ckpt")])
-    with pytest.raises(SystemExit, match="log folder.*cannot write to"):
+    with pytest.raises(TapsError, match="log folder.*cannot write to"):
         _cli(TINY + ["--trainer.default_root_dir", str(blocker)])
 
 
@@ -110,7 +111,7 @@ def test_resuming_a_live_run_is_refused(in_tmp):
     (run / "checkpoints" / "last.ckpt").write_bytes(b"being written by the live run")
     holder = _hold_lock(run)
     try:
-        with pytest.raises(SystemExit, match=r"version_0 is in use by a run that is still going.*wait for it to finish"):
+        with pytest.raises(TapsError, match=r"version_0 is in use by a run that is still going.*wait for it to finish"):
             _cli(TINY + ["--ckpt_path", "last"])
     finally:
         holder.kill()
@@ -135,7 +136,7 @@ def test_checkpoint_never_executes_code_whatever_the_environment(in_tmp, monkeyp
     crafted = in_tmp / "crafted.ckpt"
     torch.save({"state_dict": {}, "payload": _RunsCode(str(marker))}, crafted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as on clusters that load old checkpoints
-    with pytest.raises(SystemExit, match="--ckpt_path: .*crafted.ckpt: not a readable checkpoint .*never unpickled"):
+    with pytest.raises(TapsError, match="--ckpt_path: .*crafted.ckpt: not a readable checkpoint .*never unpickled"):
         main(TINY + ["--ckpt_path", str(crafted)])
     assert not marker.exists()
 
@@ -173,9 +174,9 @@ def test_refused_resume_keeps_the_runs_config_and_bad_checkpoints_are_named(in_t
     assert "threshold: 0.12" in (run / "config_resume.yaml").read_text()  # the attempt is recorded beside it
     truncated = in_tmp / "truncated.ckpt"
     truncated.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
-    with pytest.raises(SystemExit, match=rf"--ckpt_path: {truncated}: not a readable checkpoint"):
+    with pytest.raises(TapsError, match=rf"--ckpt_path: {truncated}: not a readable checkpoint"):
         main(TINY + ["--ckpt_path", str(truncated)])
-    with pytest.raises(SystemExit, match=r"--ckpt_path: .*missing.ckpt: no such file"):
+    with pytest.raises(TapsError, match=r"--ckpt_path: .*missing.ckpt: no such file"):
         main(TINY + ["--ckpt_path", str(in_tmp / "missing.ckpt")])
     assert sorted(p.name for p in (in_tmp / "logs" / "taps").iterdir()) == ["version_0"]  # no folder for them
     with pytest.raises(SystemExit):  # LightningCLI's own optimiser flags would bypass TapsModule's
