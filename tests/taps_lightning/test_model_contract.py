@@ -14,6 +14,7 @@ tested by adding a case to ``CASES``):
   refused and its parameters are gone.
 """
 import copy
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -180,11 +181,13 @@ def _progressive_fresh():
 
 def _load_progressive(model, path):
     """``load_task`` reads TAPS files only (progressive runs restore from checkpoints, and the export
-    module says so); written out here with the ``TaskLayer`` verbs: each layer's entries of the file
-    into the fresh model's path of the task, the head into its head."""
+    module says so); written out here with the ``TaskLayer`` verbs: the grouping the file records,
+    then each layer's entries of the file into the fresh model's path of the task, the head into its head."""
     with pytest.raises(tl.TaskFileError, match="progressive-adapter task file"):
         tl.load_task(model, path)
-    tensors, task = load_file(str(path)), tl.task_metadata(path)["task"]
+    tensors, meta = load_file(str(path)), tl.task_metadata(path)
+    task = meta["task"]
+    model.assign({int(s): g for s, g in json.loads(meta["groups"]).items()}, copy_from_shared=False)
     for name, layer in model.task_layers():
         layer.load_task_state(task, {local: tensors[tl.files.export.file_key(local, name)]
                                      for local in layer.state_shapes()})
@@ -390,6 +393,10 @@ def test_a_task_file_loaded_into_a_fresh_model_computes_the_same(name, tmp_path)
         assert case.load(fresh, path) == task
         with torch.no_grad():
             assert torch.equal(fresh(x, task), model(x, task)), (name, task)
+        # the same task, not only the same function: a closed layer with a zero delta computes the
+        # base too, but stays closed (and costs nothing) only if its score came with the file
+        assert fresh.task_cost(task) == model.task_cost(task), (name, task)
+        assert torch.equal(fresh.gate_tensor(task), model.gate_tensor(task)) if model.learns_gates else True
 
 
 @pytest.mark.parametrize("name", [k for k in CASES if k not in EXPORTING])
