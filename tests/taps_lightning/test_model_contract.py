@@ -419,24 +419,31 @@ def test_bookkeeping_cases_are_the_classes_that_support_it():
 
 @pytest.mark.parametrize("name", BOOKKEEPING)
 def test_an_added_task_routes_and_a_removed_task_is_gone(name):
+    """Add d, remove b (a task in the middle, so a removal aimed at the first task shows)."""
     case = CASES[name]
     model = case.build().eval().double()
     x = _x(torch.float64)
     with torch.no_grad():
-        before = {task: model(x, task) for task in ("b", "c")}
+        before = {task: model(x, task) for task in ("a", "c")}
         model.add_task("d", 2)
-        assert model.tasks == ["a", "b", "c", "d"]
-        torch.testing.assert_close(model(x, "d"), case.reference(model, "d").eval()(x), rtol=1e-10, atol=1e-10)
+        assert model.tasks == ["a", "b", "c", "d"] and model.num_classes["d"] == 2
+        got = model(x, "d")
+        assert got.shape == (2, 2)
+        torch.testing.assert_close(got, case.reference(model, "d").eval()(x), rtol=1e-10, atol=1e-10)
         assert model.task_cost("d") == _cost_by_hand(case, model, "d")
-        owned_a = {id(p) for p in model.task_parameters("a")}
-        model.set_task("a")
-        model.remove_task("a")
-        assert model.active_task is None and model.tasks == ["b", "c", "d"]
-        with pytest.raises(KeyError, match=r"unknown task 'a'"):
-            model(x, "a")
+        model.set_task(None)  # a new task starts from the shared (pre-trained) network, its head on top
+        torch.testing.assert_close(got, model.heads["d"](model.forward_features(x)), rtol=1e-10, atol=1e-10)
+        owned_b = {id(p) for p in model.task_parameters("b")}
+        model.set_task("b")
+        model.remove_task("b")
+        assert model.active_task is None and model.tasks == ["a", "c", "d"]
+        with pytest.raises(KeyError, match=r"unknown task 'b'"):
+            model(x, "b")
         names = [n for n, _ in model.named_parameters()]
-        assert not [n for n in names if "a" in n.split(".")], "parameters of the removed task remain"
-        assert not owned_a & {id(p) for p in model.parameters()}
-        assert any("d" in n.split(".") for n in names)
-        for task in ("b", "c"):  # the others as they were
+        assert not [n for n in names if "b" in n.split(".")], "parameters of the removed task remain"
+        assert not owned_b & {id(p) for p in model.parameters()}
+        for task in ("a", "c", "d"):  # every other task keeps all it owns
+            assert {"heads." + task + ".weight"} <= set(names)
+            assert model.task_cost(task) == _cost_by_hand(case, model, task), task
+        for task in ("a", "c"):  # and computes as before
             assert torch.equal(model(x, task), before[task]), task
