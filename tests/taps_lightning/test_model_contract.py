@@ -380,6 +380,8 @@ def test_a_task_file_holds_exactly_what_the_task_costs(name, tmp_path):
                       if layer.taps_score[task].item() >= model.threshold}
             assert counts["delta_layers"] == active and not active & set(TAPS_OFF[task])
             assert {k for k in tensors if k.startswith("score.")} == {f"score.{n}" for n in model.gated_names}
+        else:  # progressive: the task's adapter (shared or its own) of every layer on its path
+            assert counts["delta_layers"] == set(model.gated_names)
 
 
 @pytest.mark.parametrize("name", EXPORTING)
