@@ -24,6 +24,7 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.training.compose import create_taps_module
 from taps_lightning.errors import SettingsError, run_command
 
+from .run.preemption import evaluation_report, exit_on_sigterm
 from .run.trained import TrainedCLI
 
 #: fit's callbacks that act on training (checkpoints, exports, per-epoch logs): left out here.
@@ -72,7 +73,8 @@ class EvaluateCLI(TrainedCLI):
 def main(args: list[str] | None = None) -> EvaluateCLI:
     with EvaluateCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                      seed_everything_default=0) as cli:
-        _evaluate(cli)
+        with exit_on_sigterm(cli, args, report=evaluation_report):  # status 143 and what was written, not 0
+            _evaluate(cli)
     return cli
 
 

@@ -14,7 +14,10 @@ training is refused; output folders are checked for writing before the first ste
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.export import adapter_dir
@@ -22,8 +25,8 @@ from datamodules import MultiTaskDataModule
 from taps_lightning.training.compose import create_taps_module
 from taps_lightning.errors import run_command
 
-from .run.cli import TapsCLI
-from .run.preemption import exit_on_sigterm
+from .run.cli import EpochEndCheckpoint, TapsCLI
+from .run.preemption import exit_on_sigterm, resume_target
 
 
 def main(args: list[str] | None = None) -> TapsCLI:
@@ -43,16 +46,30 @@ def _fit_and_test(cli: TapsCLI) -> None:
         trainer.test(model, data, ckpt_path=best or None, verbose=False, weights_only=True)
     log_dir, adapters = trainer.log_dir, adapter_dir(trainer)  # collectives under DDP: every rank must ask
     if trainer.is_global_zero:
-        ckpt_dir = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
-        rank_zero_info(
-            f"\nTAPS | checkpoints: {ckpt_dir} (last.ckpt, best-*.ckpt; resume with --ckpt_path last)"
-            f"\nTAPS | adapters:    {adapters}"
-            f"\nTAPS | TensorBoard: tensorboard --logdir {log_dir}"
-        )
+        rank_zero_info(closing_lines(cli, log_dir, adapters))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Lightning leaves the process group up; gloo's threads still alive at interpreter
         # exit can abort a finished run ("terminate called without an active exception").
         torch.distributed.destroy_process_group()
+
+
+def closing_lines(cli: TapsCLI, log_dir: str | None, adapters) -> str:
+    """Where the run's files are and how to continue it: every command printed is one that works."""
+    trainer = cli.trainer
+    last = next((c for c in trainer.checkpoint_callbacks if isinstance(c, EpochEndCheckpoint)), None)
+    lines = []
+    if last is not None and last.dirpath:
+        path = Path(last.dirpath) / "last.ckpt"
+        lines.append(f"TAPS | checkpoints: {last.dirpath} (last.ckpt, best-*.ckpt; resume with --ckpt_path "
+                     f"{resume_target(cli, path)})")
+        if last.cut_short:
+            lines.append(f"TAPS | the run stopped inside epoch {trainer.current_epoch} (--trainer.max_time, max_steps or "
+                         "an early stop): last.ckpt is the end of the epoch before, and a resume repeats the cut epoch "
+                         "from its start, so it ends exactly as an uninterrupted run")
+    lines.append(f"TAPS | adapters:    {adapters}")
+    if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
+        lines.append(f"TAPS | TensorBoard: tensorboard --logdir {log_dir}")
+    return "\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ training is refused; output folders are checked for writing before the first ste
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,16 +19,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, TaskExport, TaskParamLogger,
                        TaskSimilarityLogger, lifecycle_callbacks)
 from taps_lightning.training.budget import BUDGET_MONITOR
-from taps_lightning.errors import SettingsError
+from taps_lightning.errors import CheckpointError, OutputError, SettingsError
+from taps_lightning.training.checks import resume_conflicts
 from taps_lightning.training.modes import MODES
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
-from .inputs import check_against_data, check_config_order, check_data_flags, task_classes
+from .inputs import check_against_data, check_config_order, check_data_flags, check_run_length, task_classes
 from .preemption import use_beside_target_checkpoint_io
-from .runs import (LOCK_NAME, RUN_VERSION_ENV, RunInUseError, RunLock, check_writable, claim_version,
+from .runs import (RUN_VERSION_ENV, RunClaim, RunInUseError, RunLock, check_writable, claim_version,
                    find_last_checkpoint, read_checkpoint)
 
-__all__ = ["TapsCLI", "last_checkpoint", "budget_monitor", "DEFAULT_SAVE_DIR"]
+__all__ = ["TapsCLI", "EpochEndCheckpoint", "last_checkpoint", "budget_monitor", "DEFAULT_SAVE_DIR"]
 
 #: Where runs go unless --trainer.logger.init_args.save_dir says otherwise (under --trainer.default_root_dir).
 DEFAULT_SAVE_DIR = "logs"
@@ -52,21 +52,30 @@ def budget_monitor(budget: float | None, monitor: str) -> tuple[str, str | None]
 class TapsCLI(LightningCLI):
     #: Whether this command writes a run folder (claimed, locked and checked for writing).
     writes_run_folder = True
-    run_lock: RunLock | None = None
+    #: What this command created and holds locked (``None``: nothing, or not rank zero).
+    claim: RunClaim | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         # TapsModule.configure_optimizers is the optimiser (score group, schedules, phases); LightningCLI's
         # --optimizer/--lr_scheduler would replace or silently miss it, so they are not offered.
         kwargs.setdefault("auto_configure_optimizers", False)
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:  # refused while building (settings, data, files): nothing is left behind
+            self._end(failed=True)
+            raise
 
     def __enter__(self) -> "TapsCLI":
         return self
 
-    def __exit__(self, *exc) -> None:
-        """Release the run folder (the kernel would at process exit; in-process callers need it now)."""
-        if self.run_lock is not None:
-            self.run_lock.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        """Release the run folder (the kernel would at process exit; in-process callers need it now),
+        and remove what the command claimed if it stopped, however, before it saved a checkpoint."""
+        self._end(failed=exc_type is not None)
+
+    def _end(self, failed: bool) -> None:
+        if self.claim is not None:
+            self.claim.discard() if failed else self.claim.release()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str, default=None,
@@ -101,7 +110,8 @@ class TapsCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config
         check_config_order(cfg.get("config"))  # an experiment file needs its benchmark's base.yaml first
-        check_data_flags(cfg.data, cfg.model)  # sizes in range, weights a file: before anything is built or claimed
+        check_data_flags(cfg.data, cfg.model, cfg.trainer)  # sizes, weights, precision, environment: before anything
+        check_run_length(cfg.trainer, cfg.model)  # an empty or endless run: refused before a folder is claimed
         if cfg.model.weights == "embedded":
             cfg.model.weights = embedded_weights_path()
             cfg.model.weights_sha256 = EMBEDDED_WEIGHTS_SHA256
@@ -115,12 +125,31 @@ class TapsCLI(LightningCLI):
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"
             print(f"TAPS | mode {cfg.model.mode}: using strategy ddp_find_unused_parameters_true", file=sys.stderr)
         if self.writes_run_folder:
-            self.run_lock = self._prepare_run_folder()
+            self.claim = self._prepare_run_folder()
 
-    def _prepare_run_folder(self) -> RunLock | None:
-        """Point the logger at this run's own folder (claimed, or the resumed one), lock it and
-        check that every output folder is writable; returns the lock (rank zero only)."""
+    def _resume_target(self) -> None:
+        """``--ckpt_path last`` in a custom ``--checkpoint.dirpath``: that folder's ``last.ckpt``
+        (resumed like a path given, into a new log folder)."""
         cfg = self.config
+        if cfg.ckpt_path == "last" and cfg.checkpoint.dirpath:
+            path = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+            if not path.is_file():
+                raise CheckpointError(f"--ckpt_path last: no last.ckpt in --checkpoint.dirpath {cfg.checkpoint.dirpath}; "
+                                      "train first, or pass the path of a .ckpt")
+            cfg.ckpt_path = str(path)
+
+    def _check_resume(self, checkpoint: dict) -> None:
+        """The flags that define the checkpoint's weights must be the same: refused before any folder."""
+        current = {k: v for k, v in self.config.model.as_dict().items() if k != "tasks"}  # tasks: from the data, later
+        problems = resume_conflicts(checkpoint.get("hyper_parameters") or {}, current, str(self.config.ckpt_path))
+        if problems:
+            raise CheckpointError(f"cannot resume from {self.config.ckpt_path}:\n  - " + "\n  - ".join(problems))
+
+    def _prepare_run_folder(self) -> RunClaim | None:
+        """Point the logger at this run's own folder (claimed, or the resumed one), lock it and
+        check that every output folder is writable; returns the claim (rank zero only)."""
+        cfg = self.config
+        self._resume_target()
         resuming = cfg.ckpt_path == "last"
         logger = cfg.trainer.logger
         init = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
@@ -141,7 +170,8 @@ class TapsCLI(LightningCLI):
             cfg.ckpt_path = str(path)
             init.version = version  # keep logging into the resumed run's folder
         if cfg.ckpt_path is not None and not resuming:
-            read_checkpoint(cfg.ckpt_path)  # a missing, truncated or code-carrying file: refused before any folder
+            # a missing, truncated, code-carrying, diverged or other-settings file: refused before any folder
+            self._check_resume(read_checkpoint(cfg.ckpt_path))
         if not resuming and init.version is None:
             if rank_zero_only.rank == 0:
                 init.version = claim_version(runs)
@@ -158,40 +188,39 @@ class TapsCLI(LightningCLI):
         run_dir = runs / (init.version if isinstance(init.version, str) else f"version_{init.version}")
         check_writable(run_dir, "the run folder")
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            self._new_run_dir = run_dir
-        try:
-            lock = RunLock(run_dir).acquire()
-            if resuming:  # only now: a live run may be writing its last.ckpt
-                read_checkpoint(cfg.ckpt_path)
-        except RunInUseError:
-            raise
-        except BaseException:
-            lock.release()
-            raise
         ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"
         flag = "--checkpoint.dirpath" if cfg.checkpoint.dirpath else "--trainer.default_root_dir"
-        check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)", flag)
-        check_writable(ckpt_dir / "adapters", "the adapter folder", flag)
-        return lock
+        claim = RunClaim(run_dir, new=not resuming, lock=RunLock(run_dir).acquire(),
+                         folders=(ckpt_dir,) if cfg.checkpoint.dirpath else ())
+        try:
+            if resuming:  # only now: a live run may be writing its last.ckpt
+                self._check_resume(read_checkpoint(cfg.ckpt_path))
+            check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)", flag)
+            check_writable(ckpt_dir / "adapters", "the adapter folder", flag)
+            if cfg.checkpoint.dirpath:
+                self._hold_checkpoint_folder(claim, ckpt_dir)
+        except BaseException:
+            claim.discard()
+            raise
+        return claim
+
+    def _hold_checkpoint_folder(self, claim: RunClaim, folder: Path) -> None:
+        """A custom ``--checkpoint.dirpath`` is locked like a run folder, and one holding another
+        run's checkpoints is refused (a second run would replace its last.ckpt and adapters)."""
+        try:
+            claim.hold(folder)
+        except RunInUseError as err:
+            raise RunInUseError(f"--checkpoint.dirpath {folder}: {err}") from None
+        resumed_here = self.config.ckpt_path is not None and Path(self.config.ckpt_path).resolve().parent == folder.resolve()
+        others = sorted(p.name for p in folder.glob("*.ckpt"))
+        if others and not resumed_here:
+            raise OutputError(f"--checkpoint.dirpath {folder} already holds another run's checkpoints ({', '.join(others[:3])}"
+                              f"): this run would replace them. Choose an empty folder, or resume that run with "
+                              f"--ckpt_path {folder / 'last.ckpt'}")
 
     def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-            check_against_data(self)  # task names the adapter files can carry; class names as trained
-        except BaseException:
-            self._discard_empty_run_folder()
-            raise
-
-    def _discard_empty_run_folder(self) -> None:
-        """A run refused while building its model or data (bad settings) leaves no folder behind:
-        the claimed one is removed if it holds nothing but the lock file."""
-        run_dir = getattr(self, "_new_run_dir", None)
-        if run_dir is None or self.run_lock is None:
-            return
-        self.run_lock.release()
-        if {p.name for p in run_dir.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        super().instantiate_classes()
+        check_against_data(self)  # task names the adapter files can carry; class names as trained
 
     def recalibrate_batches(self) -> int | None:
         """Norm re-estimation's batches per task (``None``: the module's ``--model.recalibrate_batches``)."""
@@ -216,8 +245,36 @@ class TapsCLI(LightningCLI):
             self._logger_init.version = self._given_version
 
 
-def last_checkpoint(dirpath: str | None) -> ModelCheckpoint:
+class EpochEndCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, written at every epoch's end and only there: a run stopped inside an epoch
+    (``--trainer.max_time``, ``max_steps``, an early stop, SIGTERM) keeps the previous epoch's,
+    and a resume repeats the cut epoch from its start, ending exactly as an uninterrupted run.
+    Lightning would otherwise save the cut state as if the epoch had finished, and the resume
+    would skip the rest of it silently (these data loaders cannot resume mid-epoch)."""
+
+    def __init__(self, dirpath: str | None) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        #: Whether the run stopped inside an epoch (and that state was not saved).
+        self.cut_short = False
+
+    @staticmethod
+    def epoch_finished(trainer) -> bool:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return progress.is_last_batch or progress.current.completed >= trainer.num_training_batches
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.epoch_finished(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+        else:
+            self.cut_short = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.epoch_finished(trainer):  # not a mid-epoch validation (--trainer.val_check_interval < 1)
+            super().on_validation_end(trainer, pl_module)
+
+
+def last_checkpoint(dirpath: str | None) -> EpochEndCheckpoint:
     """``last.ckpt`` after every epoch, what ``--ckpt_path last`` resumes from. Lightning 2.6
     writes a monitored ``ModelCheckpoint``'s ``save_last`` file only when a new best is saved, so
     a resume from it would silently go back to the best epoch and lose the epochs after it."""
-    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    return EpochEndCheckpoint(dirpath)

@@ -20,7 +20,7 @@ from taps_lightning.models.multitask import TASK_NAME
 
 from .runs import read_checkpoint
 
-__all__ = ["check_data_flags", "precision_problem", "check_against_data", "data_flag_problems", "task_classes",
+__all__ = ["check_data_flags", "check_run_length", "precision_problem", "check_against_data", "data_flag_problems", "task_classes",
            "MAX_IMAGE_SIZE"]
 
 #: Largest image side accepted (``image_size``, ``resize_to``): a batch of 32 RGB float images of
@@ -167,3 +167,20 @@ def check_against_data(cli) -> None:
                                  origin)
     if changes:
         raise CheckpointError(changes)
+
+
+def check_run_length(trainer_cfg, model_cfg=None) -> None:
+    """Refuse a run that would train nothing (``--trainer.max_epochs 0``, ``--trainer.max_steps 0``)
+    or never end (``-1`` epochs with no step or time limit), before any folder is claimed."""
+    epochs, steps, limit = (getattr(trainer_cfg, k, None) for k in ("max_epochs", "max_steps", "max_time"))
+    problems = []
+    if isinstance(epochs, int) and (epochs == 0 or epochs < -1):
+        problems.append(f"--trainer.max_epochs must be >= 1, or -1 with --trainer.max_steps or --trainer.max_time for "
+                        f"a run of that length; got {epochs}, which trains nothing")
+    if isinstance(steps, int) and (steps == 0 or steps < -1):
+        problems.append(f"--trainer.max_steps must be >= 1 (or -1: no step limit), got {steps}, which trains nothing")
+    if epochs == -1 and steps in (None, -1) and limit is None:
+        problems.append("--trainer.max_epochs -1 with no --trainer.max_steps or --trainer.max_time never ends; "
+                        "give one of them, or --trainer.max_epochs N")
+    if problems:
+        raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))

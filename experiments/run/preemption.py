@@ -33,9 +33,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from taps_lightning.files.atomic import atomic_write, temporary_name
 
+from taps_lightning.errors import TapsError
+
 from .runs import find_last_checkpoint
 
-__all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "resume_command", "BesideTargetCheckpointIO",
+__all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "resume_command", "resume_target", "evaluation_report", "BesideTargetCheckpointIO",
            "use_beside_target_checkpoint_io"]
 
 #: The exit status of a run stopped by SIGTERM (128 + 15), as a shell shows it for a killed process.
@@ -84,6 +86,31 @@ def _saved_state(path: Path | None) -> dict[str, Any] | None:
         return {"unreadable": True}
 
 
+def resume_target(cli, last: Path) -> str:
+    """What ``--ckpt_path`` resumes ``last`` (this run's ``last.ckpt``): ``last`` where that finds
+    it (the TensorBoard logger's run folder, or the ``--checkpoint.dirpath`` given), else its path.
+    Every hint a command prints goes through here, so each one works."""
+    if cli.config.checkpoint.dirpath and Path(cli.config.checkpoint.dirpath).resolve() == last.parent.resolve():
+        return "last"  # --ckpt_path last looks in --checkpoint.dirpath first
+    logger_init = getattr(cli, "_logger_init", None)
+    if logger_init is not None:
+        try:
+            newest, _ = find_last_checkpoint(logger_init.save_dir, logger_init.name)
+            if newest.resolve() == last.resolve():
+                return "last"
+        except TapsError:
+            pass
+    return str(last)
+
+
+def evaluation_report(cli, args: Sequence[str]) -> str:
+    """What was written when SIGTERM stopped ``experiments.evaluate``: nothing (the run folder is
+    removed), and the command that evaluates again."""
+    argv = [sys.executable, "-m", "experiments.evaluate", *args]
+    return (f"TAPS | stopped by SIGTERM while evaluating; exit status {SIGTERM_EXIT_STATUS}. Written: nothing (no "
+            f"report; the run folder is removed). Evaluate again with: cd {shlex.quote(os.getcwd())} && {shlex.join(argv)}")
+
+
 def preemption_report(cli, args: Sequence[str]) -> str:
     """What was saved when SIGTERM stopped ``cli``'s trainer, and the command that continues."""
     trainer = cli.trainer
@@ -111,24 +138,16 @@ def preemption_report(cli, args: Sequence[str]) -> str:
                  f"{saved['global_step']}); " + (f"the {redo} optimizer step(s) since are" if redo > 0 else
                                                  "nothing since is") + " repeated on resume, which then ends "
                  "exactly as an uninterrupted run.")
-    # `--ckpt_path last` continues in this run's folder, if it finds this run's last.ckpt
-    target = str(last)
-    logger_init = getattr(cli, "_logger_init", None)
-    if logger_init is not None:
-        try:
-            newest, _ = find_last_checkpoint(logger_init.save_dir, logger_init.name)
-            if newest.resolve() == last.resolve():
-                target = "last"
-        except SystemExit:
-            pass
+    target = resume_target(cli, last)
     note = "" if target == "last" else " (a new run folder starts from that state)"
     lines.append(f"TAPS | resume{note}: {resume_command(args, target)}")
     return "\n".join(lines)
 
 
 @contextmanager
-def exit_on_sigterm(cli, args: Sequence[str] | None) -> Iterator[None]:
-    """Turn a SIGTERM during fit or test into the report above and exit status 143."""
+def exit_on_sigterm(cli, args: Sequence[str] | None, report=preemption_report) -> Iterator[None]:
+    """Turn a SIGTERM during a Trainer's run into ``report`` (fit's: :func:`preemption_report`) and
+    exit status 143 (Lightning itself ends such a run with status 0)."""
     try:
         yield
     except BaseException as err:
@@ -137,7 +156,7 @@ def exit_on_sigterm(cli, args: Sequence[str] | None) -> Iterator[None]:
         if trainer is None or not (isinstance(err, SIGTERMException) or trainer.received_sigterm):
             raise
         if trainer.is_global_zero:
-            print(preemption_report(cli, sys.argv[1:] if args is None else args), file=sys.stderr, flush=True)
+            print(report(cli, sys.argv[1:] if args is None else args), file=sys.stderr, flush=True)
         raise SystemExit(SIGTERM_EXIT_STATUS) from None
 
 

@@ -12,15 +12,17 @@ import fcntl
 import os
 import pickle
 import re
+import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from taps_lightning.errors import CheckpointError, OutputError, TapsError
 
-__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint",
+__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint", "RunClaim",
            "RUN_VERSION_ENV"]
 
 #: Set by rank 0 for the DDP worker processes Lightning starts, so they log to the same folder.
@@ -136,7 +138,60 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"--ckpt_path: {path}: not a Lightning checkpoint (no state_dict); "
                          "give a .ckpt written by experiments.fit")
+    bad = [k for k, v in checkpoint["state_dict"].items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged state: resuming, evaluating or predicting from it gives nothing but NaN
+        raise CheckpointError(f"--ckpt_path: {path}: holds non-finite weights ({', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}): the run had diverged when it "
+                              "was saved; use an earlier checkpoint (e.g. best-*.ckpt beside it)")
     return checkpoint
+
+
+class RunClaim:
+    """What a command created for its run (a new run folder, or files in a resumed one; a custom
+    checkpoint folder), held locked, and removed again when the command stops before it saved
+    a checkpoint: a refusal or an early crash leaves nothing behind. Rank zero only."""
+
+    def __init__(self, run_dir: Path, new: bool, lock: "RunLock", folders: tuple[Path, ...] = ()) -> None:
+        self.run_dir, self.new, self.lock = run_dir, new, lock
+        self.started = time.time()
+        self.before = self._files(run_dir)
+        self.created = [f for f in folders if not f.exists()]  # e.g. a --checkpoint.dirpath that does not exist yet
+        self.locks: list[RunLock] = []
+
+    @staticmethod
+    def _files(folder: Path) -> set[Path]:
+        return set(folder.rglob("*")) if folder.is_dir() else set()
+
+    def hold(self, folder: Path) -> None:
+        """Lock another folder this run writes (a custom checkpoint folder) as its run folder is locked."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.locks.append(RunLock(folder).acquire())
+
+    def checkpointed(self) -> bool:
+        """Whether the run saved a checkpoint since it started (then everything it wrote stays)."""
+        folders = [self.run_dir, *self.created, *(lock.path.parent for lock in self.locks)]
+        return any(p.stat().st_mtime >= self.started for f in folders if f.is_dir() for p in f.rglob("*.ckpt"))
+
+    def release(self) -> None:
+        for lock in [self.lock, *self.locks]:
+            lock.release()
+
+    def discard(self) -> None:
+        """Release the locks and, unless a checkpoint was saved, remove what this command created."""
+        self.release()
+        if self.checkpointed():
+            return
+        if self.new:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        else:  # a resumed run keeps what it had: only what this attempt added goes
+            for path in sorted(self._files(self.run_dir) - self.before, key=lambda p: len(p.parts), reverse=True):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for folder in self.created:
+            shutil.rmtree(folder, ignore_errors=True)
+        for lock in self.locks:  # an existing checkpoint folder keeps nothing of this run
+            if lock.path.parent not in self.created:
+                lock.path.unlink(missing_ok=True)
 
 
 def find_last_checkpoint(save_dir: str, name: str) -> tuple[Path, int]:

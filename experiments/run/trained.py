@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
 from taps_lightning.errors import CheckpointError, SettingsError
-from taps_lightning.training.compose import create_taps_module, flag_defaults
+from taps_lightning.training.compose import create_taps_module, flag_defaults, module_flags
 from taps_lightning.training.lightning_module import TapsModule
 from taps_lightning.training.modes import mode_class
 
@@ -71,7 +71,7 @@ class TrainedTasks:
     def from_checkpoint(cls, path: str | Path) -> "TrainedTasks":
         path = Path(path)
         checkpoint = read_checkpoint(path)
-        hparams = checkpoint.get("hyper_parameters") or {}
+        hparams = module_flags(checkpoint.get("hyper_parameters") or {}, f"--ckpt_path: {path}")  # types checked
         if not isinstance(hparams.get("tasks"), dict) or "backbone" not in hparams:
             raise CheckpointError(f"--ckpt_path: {path}: no TapsModule hyper-parameters (backbone, tasks) in it; "
                              "give a checkpoint written by experiments.fit")
@@ -184,3 +184,14 @@ class TrainedCLI(TapsCLI):
         super().before_instantiate_classes()
         rank_zero_info(f"TAPS | tasks {list(self.trained.num_classes)} from {self.trained.origin()} "
                        f"(backbone={cfg.model.backbone} mode={cfg.model.mode})")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except SettingsError as err:
+            if self.trained.checkpoint is None:
+                raise
+            # the settings came from the checkpoint, not from flags the user gave (or could change here)
+            raise CheckpointError(f"--ckpt_path: {self.trained.checkpoint}: the settings recorded in it are refused "
+                                  f"(the file was edited, or written by another version; the --model names below are "
+                                  f"its hyper-parameters): {err}") from None

@@ -22,7 +22,6 @@ from torch import nn
 from ..core.config import StartsOffWarning
 from ..core.gate import gate_open
 from ..core.inject import restore_classifier
-from ..models.taps_model import TASK_FORMAT as FORMAT
 from ..models.taps_model import TASK_NAME, TapsModel
 from ..models.multitask import MultiTaskModel
 from ..core.signature import base_fingerprint, layout_signature
@@ -42,6 +41,11 @@ def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -
     return {"class_names": json.dumps(names)}
 
 
+#: The task-file formats, by the ``task_file_kind`` a model declares: this module is their one owner
+#: (it writes the ``format`` key, lays out the tensors and reads both back).
+TASK_FORMATS = {"taps": "taps-task/1", "progressive": "progressive-task/1"}
+
+
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], task: str) -> None:
     """Refuse non-finite values, then write atomically (a temporary file renamed into place),
     so an interrupted export never leaves a truncated task file behind."""
@@ -59,7 +63,10 @@ def save_task(model: MultiTaskModel, task: str, path: str | os.PathLike,
     predictions can be named without the dataset (:func:`task_metadata` reads them back).
     """
     model._check_task(task)
-    tensors, metadata = task_file_tensors(model, task), model.task_file_metadata(task)
+    if model.task_file_kind is None:
+        raise TaskFileError(f"{type(model).__name__} has no task files; it stores tasks in its checkpoint")
+    tensors = task_file_tensors(model, task)
+    metadata = {"format": TASK_FORMATS[model.task_file_kind], **model.task_file_metadata(task)}
     metadata.update(_class_names_metadata(model, task, class_names))
     if "base_fingerprint" in metadata:  # the same whatever --trainer.precision the base had
         dtype = _base_dtype(model)
@@ -165,12 +172,12 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise _unreadable(path, err) from err
-    if metadata.get("format") == "progressive-task/1":
+    if metadata.get("format") == TASK_FORMATS["progressive"]:
         raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS task files only "
                             "(restore progressive runs from their checkpoint)")
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != TASK_FORMATS["taps"]:
         raise TaskFileError(
-            f"{path}: not a TAPS task file (format {metadata.get('format')!r}, expected {FORMAT!r}); "
+            f"{path}: not a TAPS task file (format {metadata.get('format')!r}, expected {TASK_FORMATS['taps']!r}); "
             "export tasks with taps_lightning.save_task"
         )
     return tensors, metadata
@@ -232,7 +239,7 @@ METADATA_FIELDS: dict[str, Any] = {
     "format": str, "task": str, "backbone": str, "threshold": _finite_float, "num_classes": _positive_int,
     "gated_layers": _count, "active_layers": _count, "layout_signature": str, "base_fingerprint": str,
     "layer_order": _json_of(list), "class_names": _string_list, "schedule": _json_of(list),
-    "groups": _json_of(dict), "path": _json_of(dict), "base_dtype": lambda text: _BASE_DTYPES[text],
+    "groups": _json_of(dict), "path": _json_of(list), "base_dtype": lambda text: _BASE_DTYPES[text],
 }
 
 

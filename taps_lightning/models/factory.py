@@ -12,8 +12,25 @@ from torch import nn
 
 from ..core.config import SCORE_INIT, THRESHOLD
 from .taps_model import TapsModel
+from ..errors import SettingsError
 
 __all__ = ["create_backbone", "create_taps_model", "load_weights", "input_mean_std", "check_weights_file"]
+
+
+def _refuse_other_kinds(path: str, state) -> None:
+    """A checkpoint of ``experiments.fit`` or a task file is not backbone weights: say what to use."""
+    if isinstance(state, dict) and "pytorch-lightning_version" in state:
+        raise SettingsError(f"--model.weights {path} is a Lightning checkpoint, not backbone weights: resume it with "
+                            f"--ckpt_path {path}, or evaluate it with `python -m experiments.evaluate --ckpt_path {path}`")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            kind = (f.metadata() or {}).get("format", "")
+        if kind.endswith("-task/1"):  # the formats taps_lightning.files.export writes
+            raise SettingsError(f"--model.weights {path} is a task file ({kind}), not backbone weights: load it onto "
+                                f"its base with --tasks_from {path} (experiments.evaluate / predict) or "
+                                "taps_lightning.load_task")
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict:
@@ -38,6 +55,7 @@ def _read_state_dict(path: str | os.PathLike) -> dict:
         else:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ValueError(f"{path}: cannot read the weights file ({reason}); {expected}") from None
+    _refuse_other_kinds(path, state)
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

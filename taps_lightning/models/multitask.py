@@ -44,8 +44,14 @@ class MultiTaskModel(nn.Module):
     :meth:`task_parameters` and :meth:`task_cost`; the rest has defaults.
     """
 
-    #: Whether tasks can be written as task files (:func:`~taps_lightning.save_task`).
-    can_export = False
+    #: The kind of task file a task is written as (:func:`~taps_lightning.save_task`; the format is
+    #: :data:`taps_lightning.files.export.TASK_FORMATS`'); ``None``: tasks live in checkpoints only.
+    task_file_kind: str | None = None
+
+    @property
+    def can_export(self) -> bool:
+        """Whether tasks can be written as task files."""
+        return self.task_file_kind is not None
     #: Whether each task selects its own layers (TAPS): :meth:`layer_selection` has something to show.
     learns_gates = False
 

@@ -205,7 +205,7 @@ class ProgressiveAdapterModel(MultiTaskModel):
         schedule: adapters per stage (default :func:`default_schedule`).
     """
 
-    can_export = True
+    task_file_kind = "progressive"
 
     def __init__(self, backbone: nn.Module, tasks: Mapping[str, int], rank: int = DEFAULT_ADAPTER_RANK, alpha: float | None = None,
                  num_stages: int = 4, schedule: Sequence[int] | None = None, backbone_name: str | None = None) -> None:
@@ -326,9 +326,9 @@ class ProgressiveAdapterModel(MultiTaskModel):
 
     def task_file_metadata(self, task: str) -> dict[str, str]:
         """A task file holds the task's path through the shared and task-specific adapters
-        (``lora_A``/``lora_B`` of each layer), its norms and head (format ``progressive-task/1``)."""
+        (``lora_A``/``lora_B`` of each layer), its norms and head (the format is :mod:`~taps_lightning.files.export`'s)."""
         return {
-            "format": "progressive-task/1", "task": task, "backbone": self.backbone_name,
+            "task": task, "backbone": self.backbone_name,
             "num_classes": str(self.heads[task].out_features), "schedule": json.dumps(self.schedule),
             "groups": json.dumps({str(s): g for s, g in self.groups.items()}),
             "path": json.dumps(self.path_adapters(task)), "base_fingerprint": base_fingerprint(self),

@@ -17,7 +17,6 @@ from ..core.signature import base_fingerprint, layout_signature
 
 __all__ = ["TapsModel", "TASK_NAME"]
 
-TASK_FORMAT = "taps-task/1"
 
 
 class TapsModel(MultiTaskModel):
@@ -46,7 +45,7 @@ class TapsModel(MultiTaskModel):
             ``score_init`` and ``recompute_weight`` (one object every layer reads).
     """
 
-    can_export = True
+    task_file_kind = "taps"
     learns_gates = True
 
     def __init__(
@@ -245,7 +244,7 @@ class TapsModel(MultiTaskModel):
         backbone (layout) and shared weights (fingerprint)."""
         gates = self.gate_states(task)
         return {
-            "format": TASK_FORMAT, "task": task, "backbone": self.backbone_name, "threshold": repr(self.threshold),
+            "task": task, "backbone": self.backbone_name, "threshold": repr(self.threshold),
             "num_classes": str(self.heads[task].out_features), "gated_layers": str(len(gates)),
             "active_layers": str(sum(gates.values())), "layout_signature": layout_signature(self),
             "base_fingerprint": base_fingerprint(self), "layer_order": json.dumps(self.layer_order()),

@@ -260,6 +260,7 @@ class BudgetPolicy(LambdaPolicy):
         check_budget_reachable(budget, minimum or {})
         self.budget = float(budget)
         self.controller = BudgetController(self.tasks, budget, 0.0, rate, minimum=minimum)
+        self._misses: dict[float, tuple[float, bool]] = {}  # rank score -> (largest excess, penalty on)
 
     def lam(self, task: str) -> float:
         return self.controller.lam[task]
@@ -295,15 +296,19 @@ class BudgetPolicy(LambdaPolicy):
         an epoch that met the budget."""
         if all(self.within(fractions).values()) and penalised:
             return mean_acc
-        excess = max(f - self.budget for f in fractions.values())
-        return torch.tensor(-max(excess, 0.0) - (0.0 if penalised else 1.0), device=mean_acc.device)
+        excess = max(max(f - self.budget for f in fractions.values()), 0.0)
+        score = torch.tensor(-excess - (0.0 if penalised else 1.0), device=mean_acc.device)
+        self._misses[float(score)] = (excess, penalised)  # what a score stands for, for the message below
+        return score
 
     def missed_message(self, best_score):
         if best_score is None or float(best_score) >= 0:
             return None
-        return (f"no epoch met --model.budget {self.budget} for every task; the best checkpoint is the nearest miss "
-                f"({-100 * float(best_score):.2f} points over). Train longer (more epochs after the warm-up) or "
-                "raise --model.budget_rate")
+        excess, penalised = self._misses.get(float(best_score), (None, True))
+        where = ("" if excess is None else f" ({100 * excess:.2f} points over"
+                 + ("" if penalised else ", from before the sparsity penalty started") + ")")
+        return (f"no epoch met --model.budget {self.budget} for every task; the best checkpoint is the nearest "
+                f"miss{where}. Train longer (more epochs after the warm-up) or raise --model.budget_rate")
 
     def state_dict(self):
         return self.controller.state_dict()

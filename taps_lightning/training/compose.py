@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
+import typing
 from typing import Any, Mapping
 
 import torch
@@ -158,14 +160,38 @@ def flag_defaults() -> dict[str, Any]:
 _NOT_FLAGS = ("_instantiator", "_class_path")
 
 
-def module_flags(hparams: Mapping[str, Any]) -> dict[str, Any]:
+def _is_a(value: Any, kind: Any) -> bool:
+    """Whether ``value`` is of the flag type ``kind`` (the annotations :func:`create_taps_module` uses)."""
+    if kind is Any:
+        return True
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_is_a(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is dict:
+        return isinstance(value, dict) and all(_is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_is_a(v, args[0]) for v in value)
+    return isinstance(value, kind)
+
+
+def module_flags(hparams: Mapping[str, Any], origin: str = "the checkpoint") -> dict[str, Any]:
     """The flags recorded in a checkpoint's hyper-parameters (written by this or an earlier version),
-    without the keys Lightning adds; an unknown flag is refused, naming it."""
+    without the keys Lightning adds; an unknown flag, or one of the wrong type (an edited file), is
+    refused naming the file, the key and the type it must have."""
     flags = {k: v for k, v in hparams.items() if k not in _NOT_FLAGS}
-    unknown = sorted(set(flags) - set(flag_defaults()))
-    if unknown:
-        raise CheckpointError(f"the checkpoint's hyper-parameters hold {unknown}, which are not --model flags of this "
-                              "version; give a checkpoint written by experiments.fit")
+    kinds = typing.get_type_hints(create_taps_module)
+    problems = [f"{key}: not a --model flag of this version" for key in sorted(set(flags) - set(kinds))]
+    problems += [f"{key}: {value!r} is not a {getattr(kinds[key], '__name__', kinds[key])}"
+                 for key, value in flags.items() if key in kinds and not _is_a(value, kinds[key])]
+    if problems:
+        raise CheckpointError(f"{origin}: hyper-parameters that this version cannot use (the file was edited, or not "
+                              "written by experiments.fit):\n  - " + "\n  - ".join(problems))
     return flags
 
 
@@ -174,7 +200,7 @@ def module_from_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *
     (read with ``weights_only=True``; ``overrides`` replace recorded flags, e.g. ``weights=None``:
     the checkpoint holds every weight)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    flags = {**module_flags(checkpoint.get("hyper_parameters") or {}), "pretrained": False, "weights": None,
+    flags = {**module_flags(checkpoint.get("hyper_parameters") or {}, str(path)), "pretrained": False, "weights": None,
              "weights_sha256": None, **overrides}
     module = create_taps_module(**flags)
     module.load_state_dict(checkpoint["state_dict"])

@@ -168,10 +168,13 @@ def test_refused_resume_keeps_the_runs_config_and_bad_checkpoints_are_named(in_t
     main(TINY)
     run = in_tmp / "logs" / "taps" / "version_0"
     config = (run / "config.yaml").read_text()
-    with pytest.raises(ValueError, match="checkpoint was trained with threshold=0.1, but this run has threshold=0.12"):
-        main(TINY + ["--ckpt_path", "last", "--model.threshold", "0.12"])
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".running"}  # the lock: re-taken
+    for flag in (["--model.threshold", "0.12"], ["--model.budget", "0.5"]):  # refused before anything is written
+        with pytest.raises(TapsError, match=r"cannot resume from .*last.ckpt:\n  - --model.(threshold|budget): the "
+                                            r"checkpoint was trained with (threshold=0.1|budget=None), but this run has"):
+            main(TINY + ["--ckpt_path", "last", *flag])
     assert (run / "config.yaml").read_text() == config  # the run's own record is untouched
-    assert "threshold: 0.12" in (run / "config_resume.yaml").read_text()  # the attempt is recorded beside it
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".running"} == files  # nothing added or changed
     truncated = in_tmp / "truncated.ckpt"
     truncated.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     with pytest.raises(TapsError, match=rf"--ckpt_path: {truncated}: not a readable checkpoint"):
