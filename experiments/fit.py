@@ -62,10 +62,10 @@ def closing_lines(cli: TapsCLI, log_dir: str | None, adapters) -> str:
         path = Path(last.dirpath) / "last.ckpt"
         lines.append(f"TAPS | checkpoints: {last.dirpath} (last.ckpt, best-*.ckpt; resume with --ckpt_path "
                      f"{resume_target(cli, path)})")
-        if last.cut_short:
-            lines.append(f"TAPS | the run stopped inside epoch {trainer.current_epoch} (--trainer.max_time, max_steps or "
-                         "an early stop): last.ckpt is the end of the epoch before, and a resume repeats the cut epoch "
-                         "from its start, so it ends exactly as an uninterrupted run")
+        if last.cut_short or not last.epoch_finished(trainer):
+            lines.append("TAPS | the run stopped inside an epoch (--trainer.max_time, max_steps or an early stop): "
+                         "last.ckpt is the end of the last whole epoch, and a resume repeats the cut epoch from its "
+                         "start, so it ends exactly as an uninterrupted run")
     lines.append(f"TAPS | adapters:    {adapters}")
     if any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
         lines.append(f"TAPS | TensorBoard: tensorboard --logdir {log_dir}")

@@ -26,7 +26,7 @@ from taps_lightning.training.modes import MODES
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
 from .inputs import check_against_data, check_config_order, check_data_flags, check_run_length, task_classes
 from .preemption import use_beside_target_checkpoint_io
-from .runs import (RUN_VERSION_ENV, RunClaim, RunInUseError, RunLock, check_writable, claim_version,
+from .runs import (RUN_VERSION_ENV, RunClaim, first_missing, RunInUseError, RunLock, check_writable, claim_version,
                    find_last_checkpoint, read_checkpoint)
 
 __all__ = ["TapsCLI", "EpochEndCheckpoint", "last_checkpoint", "budget_monitor", "DEFAULT_SAVE_DIR"]
@@ -172,6 +172,7 @@ class TapsCLI(LightningCLI):
         if cfg.ckpt_path is not None and not resuming:
             # a missing, truncated, code-carrying, diverged or other-settings file: refused before any folder
             self._check_resume(read_checkpoint(cfg.ckpt_path))
+        created_from = first_missing(runs)  # logs/<name>/ made for this run: removed with it when refused
         if not resuming and init.version is None:
             if rank_zero_only.rank == 0:
                 init.version = claim_version(runs)
@@ -191,7 +192,8 @@ class TapsCLI(LightningCLI):
         ckpt_dir = Path(cfg.checkpoint.dirpath) if cfg.checkpoint.dirpath else run_dir / "checkpoints"
         flag = "--checkpoint.dirpath" if cfg.checkpoint.dirpath else "--trainer.default_root_dir"
         claim = RunClaim(run_dir, new=not resuming, lock=RunLock(run_dir).acquire(),
-                         folders=(ckpt_dir,) if cfg.checkpoint.dirpath else ())
+                         folders=(ckpt_dir,) if cfg.checkpoint.dirpath else (),
+                         created_from=created_from.absolute() if created_from else None)
         try:
             if resuming:  # only now: a live run may be writing its last.ckpt
                 self._check_resume(read_checkpoint(cfg.ckpt_path))

@@ -22,7 +22,15 @@ import torch
 
 from taps_lightning.errors import CheckpointError, OutputError, TapsError
 
-__all__ = ["RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint", "RunClaim",
+def first_missing(folder: str | os.PathLike) -> Path | None:
+    """The outermost folder on the way to ``folder`` that does not exist yet (``None``: it exists)."""
+    folder, missing = Path(folder).absolute(), None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
+__all__ = ["first_missing", "RunLock", "RunInUseError", "claim_version", "check_writable", "read_checkpoint", "find_last_checkpoint", "RunClaim",
            "RUN_VERSION_ENV"]
 
 #: Set by rank 0 for the DDP worker processes Lightning starts, so they log to the same folder.
@@ -152,8 +160,11 @@ class RunClaim:
     checkpoint folder), held locked, and removed again when the command stops before it saved
     a checkpoint: a refusal or an early crash leaves nothing behind. Rank zero only."""
 
-    def __init__(self, run_dir: Path, new: bool, lock: "RunLock", folders: tuple[Path, ...] = ()) -> None:
-        self.run_dir, self.new, self.lock = run_dir, new, lock
+    def __init__(self, run_dir: Path, new: bool, lock: "RunLock", folders: tuple[Path, ...] = (),
+                 created_from: Path | None = None) -> None:
+        self.run_dir, self.new, self.lock = Path(run_dir).absolute(), new, lock
+        #: The outermost folder above ``run_dir`` this command created (e.g. ``logs/``), removed too when empty.
+        self.created_from = created_from
         self.started = time.time()
         self.before = self._files(run_dir)
         self.created = [f for f in folders if not f.exists()]  # e.g. a --checkpoint.dirpath that does not exist yet
@@ -184,6 +195,13 @@ class RunClaim:
             return
         if self.new:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            folder = self.run_dir.parent
+            while self.created_from is not None and folder.is_relative_to(self.created_from):
+                try:
+                    folder.rmdir()  # only when empty: another run's folder beside it stays
+                except OSError:
+                    break
+                folder = folder.parent
         else:  # a resumed run keeps what it had: only what this attempt added goes
             for path in sorted(self._files(self.run_dir) - self.before, key=lambda p: len(p.parts), reverse=True):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
