@@ -27,6 +27,7 @@ class TaskNorm(TaskLayer, nn.Module):
     """Holds ``base_norm`` (frozen template) and ``norms[task]`` (trained copies)."""
 
     adapter_layer_names = ("norms",)
+    other_param_names = ("base_norm",)  # the pre-trained template each new task copies
 
     def __init__(self, base_norm: nn.Module) -> None:
         super().__init__()

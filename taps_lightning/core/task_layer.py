@@ -23,8 +23,17 @@ class TaskLayer:
     :meth:`load_task_state`. Nothing outside the layer indexes the attributes it declares.
     """
 
-    #: The attributes holding per-task state (as PEFT's ``adapter_layer_names``): only the layer reads them.
+    #: The attributes holding per-task state (as PEFT's ``adapter_layer_names``): only the layer reads
+    #: them, and what they hold is never shared (:meth:`MultiTaskModel.shared_parameters`).
     adapter_layer_names: tuple[str, ...] = ()
+    #: Other attributes that are not the shared layer (as PEFT's ``other_param_names``), e.g. the
+    #: pre-trained norm every new task copies.
+    other_param_names: tuple[str, ...] = ()
+
+    def own_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter this layer holds besides the shared layer's (all tasks', and templates)."""
+        for name in (*self.adapter_layer_names, *self.other_param_names):
+            yield from getattr(self, name).parameters()
     active_task: str | None = None
 
     @property

@@ -131,8 +131,11 @@ class MultiTaskModel(nn.Module):
 
     # -- what is trained, and what a task costs ------------------------------------------
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters every task uses (the base)."""
-        raise NotImplementedError
+        """Parameters every task uses (the base): the backbone's, less what its task layers hold
+        per task or as templates (their declared :attr:`~TaskLayer.adapter_layer_names` and
+        :attr:`~TaskLayer.other_param_names`): the one rule that splits parameters."""
+        own = {id(p) for _, layer in self.task_layers() for p in layer.own_parameters()}
+        return (p for p in self.backbone.parameters() if id(p) not in own)
 
     def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
         """Parameters of ``task`` alone (or of every task)."""

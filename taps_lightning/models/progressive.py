@@ -247,13 +247,6 @@ class ProgressiveAdapterModel(MultiTaskModel):
         for name in self.gated_names:
             yield name, self.backbone.get_submodule(name)
 
-    def shared_parameters(self):
-        """The frozen backbone's own weights (no adapters, task norms or norm templates)."""
-        skip = (".lora_A.", ".lora_B.", ".norms.", ".base_norm.")
-        for name, p in self.backbone.named_parameters():
-            if not any(s in f".{name}" for s in skip):
-                yield p
-
     def task_parameters(self, task: str | None = None):
         """Adapters on the task's path (shared ones included), its norms and head; every
         adapter, norm and head once for ``task=None``."""

@@ -100,15 +100,6 @@ class TapsModel(MultiTaskModel):
         before the first forward)."""
         return list(self._forward_order or self.gated_names)
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters shared by all tasks (the base): everything but deltas, scores,
-        task norms, norm templates and heads."""
-        task_specific = {id(p) for p in self.task_parameters()}
-        templates = {id(p) for _, n in self.task_norms() for p in n.base_norm.parameters()}
-        for p in self.backbone.parameters():
-            if id(p) not in task_specific and id(p) not in templates:
-                yield p
-
     def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
         """Task-specific parameters (deltas, scores, norms, head) of ``task`` or of all tasks."""
         for t in [task] if task is not None else self.tasks:
