@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from taps_lightning.files.atomic import atomic_write, temporary_name
 
-from taps_lightning.errors import TapsError
+from taps_lightning.errors import OutputError, TapsError
 
 from .runs import find_last_checkpoint
 
@@ -180,7 +180,12 @@ class BesideTargetCheckpointIO(TorchCheckpointIO):
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # a killed earlier save of this file
             if stale.name != temporary_name(path).name:
                 stale.unlink(missing_ok=True)
-        atomic_write(path, lambda f: torch.save(checkpoint, f), "the checkpoint")
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f), "the checkpoint")
+        except OutputError as err:  # e.g. the disk is full: say what is saved and how to go on from it
+            kept = (f" The earlier {path.name} is intact: resume from it with --ckpt_path {path}" if path.is_file()
+                    else f" No earlier {path.name} exists: nothing of this run can be resumed from here")
+            raise OutputError(f"{err}.{kept}") from None
 
 
 def use_beside_target_checkpoint_io(trainer) -> None:

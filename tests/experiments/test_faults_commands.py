@@ -260,3 +260,25 @@ def test_a_library_error_is_typed(tmp_path):
 
     with pytest.raises(CheckpointError, match="no such file"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_a_full_disk_during_a_checkpoint_save_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch):
+    import errno
+
+    from experiments.run.preemption import BesideTargetCheckpointIO
+    from taps_lightning.errors import OutputError
+    from taps_lightning.files import atomic
+
+    path = tmp_path / "last.ckpt"
+    io = BesideTargetCheckpointIO()
+    io.save_checkpoint({"epoch": 0}, path)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OutputError, match=rf"No space left.*The earlier last.ckpt is intact: resume from it with "
+                                          rf"--ckpt_path {path}"):
+        io.save_checkpoint({"epoch": 1}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
