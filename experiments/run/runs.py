@@ -166,7 +166,7 @@ class RunClaim:
         #: The outermost folder above ``run_dir`` this command created (e.g. ``logs/``), removed too when empty.
         self.created_from = created_from
         self.started = time.time()
-        self.before = self._files(run_dir)
+        self.before = self._files(self.run_dir)
         self.created = [f for f in folders if not f.exists()]  # e.g. a --checkpoint.dirpath that does not exist yet
         self.locks: list[RunLock] = []
 
@@ -202,8 +202,9 @@ class RunClaim:
                 except OSError:
                     break
                 folder = folder.parent
-        else:  # a resumed run keeps what it had: only what this attempt added goes
-            for path in sorted(self._files(self.run_dir) - self.before, key=lambda p: len(p.parts), reverse=True):
+        else:  # a resumed run keeps what it had: only what this attempt added goes (never a weights file)
+            added = [p for p in self._files(self.run_dir) - self.before if p.suffix not in (".ckpt", ".safetensors")]
+            for path in sorted(added, key=lambda p: len(p.parts), reverse=True):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         for folder in self.created:
             shutil.rmtree(folder, ignore_errors=True)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from datamodules import ImageFolderTasks
+from taps_lightning.errors import TapsError
 from experiments import evaluate, predict
 from experiments.fit import main as fit_main
 from helpers import taps_trainer
@@ -61,11 +62,11 @@ def test_renamed_class_folder_is_refused_on_resume_evaluate_and_its_names_kept_b
     refused = (r"was trained with other class names than the data has now.*\n  - task 'shapes': only when trained: "
                r"\['square'\]; only in the data: \['box'\]; labels that now mean another class: "
                r"\[0: 'circle' -> 'box', 1: 'square' -> 'circle'\]")
-    with pytest.raises(SystemExit, match=r"last.ckpt " + refused):
+    with pytest.raises(TapsError, match=r"last.ckpt " + refused):
         fit_main(common + ["--ckpt_path", "last", "--trainer.max_epochs", "2"])
-    with pytest.raises(SystemExit, match=refused):
+    with pytest.raises(TapsError, match=refused):
         evaluate.main(common + ["--ckpt_path", str(best)])
-    with pytest.raises(SystemExit, match=r"shapes.safetensors\) " + refused):
+    with pytest.raises(TapsError, match=r"shapes.safetensors\) " + refused):
         evaluate.main(common + ["--tasks_from", str(run / "checkpoints" / "adapters")])
     # predict reads no data: it labels with the names the task was trained with
     image = next((root / "shapes" / "test" / "box").iterdir())

@@ -115,7 +115,7 @@ def test_evaluate_refuses_task_files_of_another_base(in_root):
         evaluate.main(TINY + ["--tasks_from", task_file, "--seed_everything", "1"])  # another random base
     with pytest.raises(tl.TaskFileError, match="mnist.safetensors: made for backbone 'test_resnet'"):
         evaluate.main(TINY + ["--tasks_from", task_file, "--model.backbone", "test_efficientnet"])
-    with pytest.raises(SystemExit, match=r"--data.tasks \['sketch'\] lacks \['mnist'\] of .*mnist.safetensors"):
+    with pytest.raises(TapsError, match=r"--data.tasks \['sketch'\] lacks \['mnist'\] of .*mnist.safetensors"):
         evaluate.main(TINY + ["--tasks_from", task_file, "--data.tasks", "[sketch]"])
 
 
@@ -236,7 +236,7 @@ def test_predict_bad_input_names_the_file_and_writes_nothing(in_root, tmp_path):
     assert not out.exists() or not any(out.iterdir())  # neither the CSV nor its temporary file
     with pytest.raises((SystemExit, TapsError), match=r"--images: .*missing.png: no such file"):
         predict.main(common + ["--images", str(paths[0]), str(tmp_path / "missing.png")])
-    with pytest.raises(SystemExit, match=r"--tasks: \['clipart'\] not in .*best.*ckpt, which holds \['mnist', 'sketch'\]"):
+    with pytest.raises(TapsError, match=r"--tasks: \['clipart'\] not in .*best.*ckpt, which holds \['mnist', 'sketch'\]"):
         predict.main(common + ["--images", str(paths[0]), "--tasks", "clipart"])
     with pytest.raises(tl.TaskFileError, match="mnist.safetensors: made for backbone 'test_resnet'"):
         predict.main(TINY + ["--tasks_from", str(a.adapters / "mnist.safetensors"), "--images", str(paths[0]),

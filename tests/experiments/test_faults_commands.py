@@ -129,14 +129,18 @@ def test_a_crash_before_the_first_checkpoint_removes_the_run_folder(in_tmp, monk
 
 def test_a_resume_that_fails_keeps_the_run_as_it_was(trained, tmp_path, capsys, monkeypatch):
     run, last = trained
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".running"}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".running"}
     root = run.parents[2]
     for flags, message in [(["--model.threshold", "0.12"], "threshold=0.1, but this run has threshold=0.12"),
                            (["--model.budget", "0.5"], "budget=None, but this run has budget=0.5")]:
         err = _refused(capsys, fit_main, TINY + ["--trainer.default_root_dir", str(root), "--ckpt_path", "last",
                                                  "--trainer.max_epochs", "2", *flags])
         assert message in err and "cannot resume from" in err
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".running"} == before
+    # refused later, once the resumed run's folder is claimed (the model is built): its files all stay
+    err = _refused(capsys, fit_main, TINY + ["--trainer.default_root_dir", str(root), "--ckpt_path", "last",
+                                             "--trainer.max_epochs", "2", "--model.lr", "-1"])
+    assert "--model.lr must be a finite number > 0" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".running"} == before
 
 
 # -- checkpoints given to evaluate and predict --------------------------------------------------------
@@ -282,3 +286,14 @@ def test_a_full_disk_during_a_checkpoint_save_says_what_is_kept_and_how_to_resum
         io.save_checkpoint({"epoch": 1}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_a_resume_refused_after_its_claim_keeps_a_relative_run_folder_whole(in_tmp, capsys):
+    """The run folder as most users have it, relative to the working directory (logs/taps/version_0)."""
+    fit_main(TINY)
+    run = Path("logs/taps/version_0")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".running"}
+    assert any(p.suffix == ".ckpt" for p in before)
+    err = _refused(capsys, fit_main, TINY + ["--ckpt_path", "last", "--trainer.max_epochs", "2", "--model.lr", "-1"])
+    assert "--model.lr must be a finite number > 0" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".running"} == before
