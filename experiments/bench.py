@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 import taps_lightning as tl
 
+from taps_lightning.errors import run_command
+
 
 def _once(fn) -> float:
     if torch.cuda.is_available():
@@ -365,4 +367,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # the error boundary: a user error is its message and exit status 2

@@ -33,6 +33,7 @@ from taps_lightning.training.compose import create_taps_module
 from taps_lightning.errors import SettingsError, run_command
 
 from .run.runs import check_writable
+from .run.preemption import raise_on_sigterm
 from .run.trained import TrainedCLI, expand_paths
 
 
@@ -143,6 +144,11 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def main(args: list[str] | None = None) -> Path:
+    with raise_on_sigterm("nothing was written (the CSV is written whole at the end, or not at all)"):
+        return _predict(args)
+
+
+def _predict(args: list[str] | None) -> Path:
     cli = PredictCLI(create_taps_module, MultiTaskDataModule, subclass_mode_data=True, run=False, args=args,
                      seed_everything_default=0, save_config_callback=None)
     cfg, model, data = cli.config, cli.model.model, cli.datamodule

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from callbacks import ResultsReport
 
+from taps_lightning.errors import run_command
+
 
 def evaluate(ckpt: Path, batches: int, split: str, root: str, extra: list[str]) -> list[dict]:
     """The report rows (tasks, then the total) of one evaluation."""
@@ -56,4 +58,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # the error boundary: a user error is its message and exit status 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,7 +22,7 @@ from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, Task
 from taps_lightning.training.budget import BUDGET_MONITOR
 from taps_lightning.errors import CheckpointError, OutputError, SettingsError
 from taps_lightning.training.checks import resume_conflicts
-from taps_lightning.training.modes import MODES
+from taps_lightning.training.modes import MODES, unused_flags
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
 from .inputs import check_against_data, check_config_order, check_data_flags, check_run_length, task_classes
@@ -120,6 +121,9 @@ class TapsCLI(LightningCLI):
         if note:
             print(note, file=sys.stderr)
         mode = MODES.get(cfg.model.mode)
+        if mode is not None and getattr(self, "trained", None) is None:  # fit: flags the user changed for nothing
+            for note in unused_flags(mode, cfg.model, self.parser.get_defaults().model):
+                warnings.warn(note, UserWarning, stacklevel=2)
         if cfg.trainer.strategy == "ddp" and mode is not None and mode.leaves_parameters_unused:
             # some parameters sit out of the graph in some epochs: DDP must be told to expect that
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"

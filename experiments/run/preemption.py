@@ -33,11 +33,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from taps_lightning.files.atomic import atomic_write, temporary_name
 
-from taps_lightning.errors import OutputError, TapsError
+from taps_lightning.errors import CommandTerminated, OutputError, TapsError
 
 from .runs import find_last_checkpoint
 
-__all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "resume_command", "resume_target", "evaluation_report", "BesideTargetCheckpointIO",
+__all__ = ["SIGTERM_EXIT_STATUS", "exit_on_sigterm", "raise_on_sigterm", "resume_command", "resume_target", "evaluation_report", "BesideTargetCheckpointIO",
            "use_beside_target_checkpoint_io"]
 
 #: The exit status of a run stopped by SIGTERM (128 + 15), as a shell shows it for a killed process.
@@ -142,6 +142,21 @@ def preemption_report(cli, args: Sequence[str]) -> str:
     note = "" if target == "last" else " (a new run folder starts from that state)"
     lines.append(f"TAPS | resume{note}: {resume_command(args, target)}")
     return "\n".join(lines)
+
+
+@contextmanager
+def raise_on_sigterm(what: str) -> Iterator[None]:
+    """For a command that runs no Lightning Trainer (whose own handler would stop it gracefully):
+    SIGTERM raises :class:`~taps_lightning.errors.CommandTerminated` saying ``what`` was and was not
+    written, so the command exits 143 with that message instead of dying silently."""
+    def handler(signum, frame):
+        raise CommandTerminated(f"stopped by SIGTERM; {what}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

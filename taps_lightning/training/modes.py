@@ -21,7 +21,16 @@ from ..models.progressive import ProgressiveAdapterModel, cosine_similarity_matr
 from .checks import SettingsError
 from .settings import ModeSettings
 
-__all__ = ["Mode", "ModeSettings", "MODES", "create_mode", "mode_class"]
+__all__ = ["Mode", "ModeSettings", "MODES", "MODE_FLAGS", "GATE_FLAGS", "PROGRESSIVE_FLAGS", "unused_flags", "create_mode", "mode_class"]
+
+
+#: ``--model`` flags that only modes with gates read (with a budget, ``lam`` is not read either).
+GATE_FLAGS = ("lam", "threshold", "score_init", "sparsity_warmup_epochs", "score_lr", "penalty", "penalty_divisor",
+              "budget", "budget_rate", "recompute_weight", "freeze_gates_epochs")
+#: ``--model`` flags that only the progressive adapters read.
+PROGRESSIVE_FLAGS = ("adapter_rank", "num_stages", "adapter_schedule", "similarity_epochs", "similarity_batches")
+#: Every ``--model`` flag that some modes read and others do not (the rest every mode reads).
+MODE_FLAGS = GATE_FLAGS + PROGRESSIVE_FLAGS + ("joint_epochs",)
 
 
 class Mode:
@@ -32,6 +41,8 @@ class Mode:
     #: Whether the mode learns TAPS gates (the sparsity penalty, per-layer costs, budgets and
     #: task files with scores apply): the one name of "this mode has gates".
     learns_gates = False
+    #: The :data:`MODE_FLAGS` this mode reads.
+    reads: tuple[str, ...] = ()
     #: Whether some trained parameters sit out of the graph in some epochs (DDP must be told).
     leaves_parameters_unused = False
 
@@ -101,6 +112,7 @@ class Incremental(Mode):
     """Eq. 3: frozen base, each task learns its deltas, gates, norms and head on its own."""
 
     name = "incremental"
+    reads = GATE_FLAGS
 
     learns_gates = True
     freeze_base = True
@@ -124,6 +136,7 @@ class MemoryEfficient(Incremental):
     incremental TAPS on that base, with its own cosine cycle."""
 
     name = "memory_efficient"
+    reads = GATE_FLAGS + ("joint_epochs",)
 
     leaves_parameters_unused = True  # the deltas during the joint phase
 
@@ -195,6 +208,7 @@ class Progressive(Mode):
     their gradients on each stage's shared adapter, collected during the last warm-up epoch."""
 
     name = "progressive"
+    reads = PROGRESSIVE_FLAGS
 
     leaves_parameters_unused = True  # adapters not yet used during the warm-up
 
@@ -253,6 +267,23 @@ class Progressive(Mode):
 #: Every mode by its ``--model.mode`` name.
 MODES: dict[str, type[Mode]] = {mode.name: mode for mode in (
     Incremental, Joint, MemoryEfficient, FineTune, LinearProbe, JointFineTune, Progressive)}
+
+
+def unused_flags(mode: type[Mode], flags: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """The flags given a value other than their default that would do nothing in ``mode`` (the mode
+    does not read them, or another flag replaces them), one line each naming both."""
+    changed = [k for k in MODE_FLAGS if k in flags and k in defaults and flags[k] != defaults[k]]
+    notes = []
+    for key in changed:
+        if key not in mode.reads:
+            readers = ", ".join(m.name for m in MODES.values() if key in m.reads)
+            notes.append(f"--model.{key} {flags[key]!r} does nothing with --model.mode {mode.name} (read by {readers})")
+    if mode.learns_gates and flags.get("budget") is not None and "lam" in changed:
+        notes.append(f"--model.lam {flags['lam']!r} does nothing with --model.budget {flags['budget']}: each task's "
+                     "lambda comes from the budget controller")
+    if mode.learns_gates and flags.get("budget") is None and "budget_rate" in changed:
+        notes.append(f"--model.budget_rate {flags['budget_rate']!r} does nothing without --model.budget")
+    return notes
 
 
 def mode_class(name: str) -> type[Mode]:
