@@ -3,7 +3,7 @@
 What happens around training, in the order it must (:func:`lifecycle_callbacks`): budget
 enforcement, norm re-estimation, gate-flip counts and resume guarding. What a run shows and
 writes: layer-selection heatmaps, parameter counts, the Decathlon score, task-file export and
-the results report. Each reaches the module only through :class:`~taps_lightning.TapsModule`'s
+the results report. Each reaches the module only through :class:`~taps_lightning.training.lightning_module.TapsModule`'s
 documented attributes.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["lifecycle_callbacks", "BudgetEnforcement", "NormRecalibration", "Gat
 
 
 def lifecycle_callbacks(recalibrate_batches: int | None = None) -> list:
-    """The callbacks a :class:`~taps_lightning.TapsModule` trains and evaluates correctly with, in
+    """The callbacks a :class:`~taps_lightning.training.lightning_module.TapsModule` trains and evaluates correctly with, in
     their required order: budget enforcement before norm re-estimation (the statistics are those
     of the gates validated), both before checkpointing (Lightning runs ``ModelCheckpoint`` after
     every other callback). Pass them to a hand-built ``Trainer`` (``experiments.fit`` adds them).

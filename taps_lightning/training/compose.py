@@ -118,8 +118,8 @@ def create_taps_module(
             gradients are collected during the last of them and tasks grouped at its end.
         similarity_batches: progressive mode: batches whose gradients measure task similarity.
         recompute_weight: TAPS modes: rebuild each gated weight in backward instead of saving
-            it from forward (less memory, one add more per active layer; see the README's
-            Performance section).
+            it from forward (less memory, one add more per active layer; see
+            docs/performance.md).
         recalibrate_batches: before every validation and test (and so before every checkpoint
             and export), re-estimate each task's own BatchNorm statistics on this many batches of
             its training images under the evaluation transform (:class:`callbacks.NormRecalibration`);
