@@ -104,3 +104,13 @@ def render(markdown: str) -> str:
 
 def on_page_markdown(markdown, page, config, files):  # MkDocs hook
     return render(markdown)
+
+
+#: A Sphinx cross-reference role as the docstrings write them (``:class:`~x.Y```), once
+#: mkdocstrings has rendered it: the role's name left in front of the code span.
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj):(?=<code)")
+
+
+def on_page_content(html, page, config, files):  # MkDocs hook
+    """Drop the Sphinx role names the docstrings use (the API pages show the code span alone)."""
+    return _SPHINX_ROLE.sub("", html)
