@@ -22,8 +22,10 @@ def expected():
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    # the same weights and code path; only another CPU's kernels could change the last bits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the same weights and code path: only the order of float32 sums differs (another thread count or
+    # CPU). A few 1e-5 through ~20 layers; a wrong or missing tensor moves logits by their own size.
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * (1 + scale))
 
 
 @pytest.mark.parametrize("run", RUNS)
