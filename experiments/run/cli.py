@@ -142,6 +142,13 @@ class TapsCLI(LightningCLI):
                                       "train first, or pass the path of a .ckpt")
             cfg.ckpt_path = str(path)
 
+    #: The checkpoint fit resumes from, as read (once) before any folder was claimed.
+    resumed_checkpoint: dict | None = None
+
+    def _read_resumed(self, path: str) -> dict:
+        self.resumed_checkpoint = read_checkpoint(path)
+        return self.resumed_checkpoint
+
     def _check_resume(self, checkpoint: dict) -> None:
         """The flags that define the checkpoint's weights must be the same: refused before any folder."""
         current = {k: v for k, v in self.config.model.as_dict().items() if k != "tasks"}  # tasks: from the data, later
@@ -175,7 +182,7 @@ class TapsCLI(LightningCLI):
             init.version = version  # keep logging into the resumed run's folder
         if cfg.ckpt_path is not None and not resuming:
             # a missing, truncated, code-carrying, diverged or other-settings file: refused before any folder
-            self._check_resume(read_checkpoint(cfg.ckpt_path))
+            self._check_resume(self._read_resumed(cfg.ckpt_path))
         created_from = first_missing(runs)  # logs/<name>/ made for this run: removed with it when refused
         if not resuming and init.version is None:
             if rank_zero_only.rank == 0:
@@ -200,7 +207,7 @@ class TapsCLI(LightningCLI):
                          created_from=created_from.absolute() if created_from else None)
         try:
             if resuming:  # only now: a live run may be writing its last.ckpt
-                self._check_resume(read_checkpoint(cfg.ckpt_path))
+                self._check_resume(self._read_resumed(cfg.ckpt_path))
             check_writable(ckpt_dir, "the checkpoint folder (--checkpoint.dirpath)", flag)
             check_writable(ckpt_dir / "adapters", "the adapter folder", flag)
             if cfg.checkpoint.dirpath:

@@ -160,7 +160,8 @@ def check_against_data(cli) -> None:
     if trained is not None:  # evaluate / predict: names from the task files or the checkpoint
         recorded, origin = trained.stored_class_names, trained.origin()
     elif cfg.ckpt_path:
-        recorded, origin = read_checkpoint(cfg.ckpt_path).get("taps_class_names") or {}, str(cfg.ckpt_path)
+        checkpoint = cli.resumed_checkpoint or read_checkpoint(cfg.ckpt_path)  # fit read it once already
+        recorded, origin = checkpoint.get("taps_class_names") or {}, str(cfg.ckpt_path)
     else:
         return
     changes = class_name_changes({t: n for t, n in recorded.items() if t in tasks}, data_class_names(data, tasks),

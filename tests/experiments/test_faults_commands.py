@@ -20,23 +20,6 @@ TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.ta
 
 
 @pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    from datamodules.embedded import load_embedded_digits
-
-    home = tmp_path_factory.mktemp("taps_data")
-    load_embedded_digits(home / "embedded_digits")
-    return home
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch, data_home):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TAPS_DATA_HOME", str(data_home))
-    monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
-    return tmp_path
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_home):
     """One finished tiny run: its folder and last.ckpt."""
     import os

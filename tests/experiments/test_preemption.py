@@ -19,15 +19,6 @@ TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.ta
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--test", "false"]
 
 
-@pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    from datamodules.embedded import load_embedded_digits
-
-    home = tmp_path_factory.mktemp("taps_data")
-    load_embedded_digits(home / "embedded_digits")
-    return home
-
-
 def _env(data_home, **extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "TAPS_DATA_HOME": str(data_home), "OMP_NUM_THREADS": "1", **extra}

@@ -20,24 +20,6 @@ TINY = ["--model.backbone", "test_resnet", "--model.weights", "null", "--data.ta
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--test", "false"]
 
 
-@pytest.fixture(scope="module")
-def data_home(tmp_path_factory):
-    """The embedded digits built once for this module's runs."""
-    from datamodules.embedded import load_embedded_digits
-
-    home = tmp_path_factory.mktemp("taps_data")
-    load_embedded_digits(home / "embedded_digits")
-    return home
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch, data_home):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TAPS_DATA_HOME", str(data_home))
-    monkeypatch.delenv("TAPS_RUN_VERSION", raising=False)
-    return tmp_path
-
-
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """A separate process that takes the run lock and sleeps, as a live training run would."""
     code = ("import sys, time; from experiments.run.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
