@@ -149,11 +149,9 @@ class ResultsReport(L.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        policy, penalty = pl_module.lam_policy, pl_module.gate_settings.penalty
-        setting = policy.describe()
-        if pl_module.mode.learns_gates and penalty != "layers":
-            setting += f", penalty={penalty}"
-        title = f"{pl_module.model.backbone_name}, mode={pl_module.mode.name}, {setting} ({stage} set)"
+        policy = pl_module.lam_policy
+        setting = pl_module.mode.describe(policy, pl_module.gate_settings.penalty)
+        title = f"{pl_module.model.backbone_name}, mode={pl_module.mode.name}{f', {setting}' if setting else ''} ({stage} set)"
         budget = policy.budget
         within = policy.within(pl_module.task_fractions())
         text = format_markdown(rows, title, budget, within) + grouping_markdown(pl_module)

@@ -36,6 +36,17 @@ from taps_lightning.files.atomic import atomic_write
 
 LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
+LORA_RANKS = (4, 8, 16)
+#: The LoRA baseline's learning rate, chosen on validation at rank 8, seed 0 (``--sweep``: docs/lora_sweep.md).
+LORA_LR = 0.03
+#: The learning rates ``--sweep`` tries (SGD with momentum, as every other row).
+LORA_SWEEP_LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def _lora_flags(rank: int, lr: float = LORA_LR) -> list[str]:
+    return ["--model.mode", "lora", "--model.lora_rank", str(rank), "--model.lr", str(lr)]
+
+
 #: (label, extra flags) of every row.
 VARIANTS = [
     ("Feature extractor", ["--model.mode", "linear"]),
@@ -52,6 +63,8 @@ VARIANTS = [
                                            "--model.joint_epochs", "2", "--model.sparsity_warmup_epochs", "0"]),
     ("Joint fine-tuning", ["--model.mode", "joint_finetune"]),
     ("Progressive adapters (rank 8)", ["--model.mode", "progressive"]),
+    *[(f"LoRA (PEFT), rank {rank}", _lora_flags(rank)) for rank in LORA_RANKS],
+    ("LoRA (PEFT), rank 8, grouped convs trained in full", _lora_flags(8) + ["--model.lora_grouped_convs", "full"]),
     # the A/B of the training defaults at lambda 0.5 (docs/ab_defaults.md); the first row above is "A"
     ("TAPS incremental, lambda=0.5, gates frozen in the last epoch",
      ["--model.mode", "incremental", "--model.lam", "0.5", "--model.freeze_gates_epochs", "1"]),
@@ -63,6 +76,10 @@ VARIANTS = [
     ("TAPS incremental, lambda=0.5, Nesterov",
      ["--model.mode", "incremental", "--model.lam", "0.5", "--model.nesterov", "true"]),
 ]
+#: The learning-rate sweep of the LoRA baseline (``--sweep``; seed 0, selected on validation accuracy).
+SWEEP = [(f"LoRA (PEFT), rank 8, lr={lr} (sweep)", _lora_flags(8, lr)) for lr in LORA_SWEEP_LRS]
+#: Every trainable row by label (the table's and the sweep's).
+ROWS = dict(VARIANTS + SWEEP)
 #: Rows of the A/B of training defaults (written to their own table with --only and --out).
 AB_ROWS = ["TAPS incremental, lambda=0.5"] + [label for label, _ in VARIANTS if label.startswith("TAPS incremental, lambda=0.5, ")]
 #: What a kept run must have been made with to count (runs of an older protocol are trained again):
@@ -74,11 +91,19 @@ SERIES = [
     ("lambda sweep, parameter-weighted penalty", r"^TAPS incremental, params penalty, lambda=[0-9.]+$", "s"),
     ("budget (parameter-weighted penalty)", r"^TAPS incremental, budget=[0-9.]+$", "^"),
     ("budget 0.2, per-layer penalty", r"^TAPS incremental, budget=0.2, layers penalty$", "v"),
+    ("LoRA (PEFT), ranks 4, 8, 16", r"^LoRA \(PEFT\), rank [0-9]+$", "D"),
+    ("LoRA (PEFT), rank 8, grouped convs in full", r"^LoRA \(PEFT\), rank 8, grouped convs trained in full$", "P"),
     ("fine-tuning", r"^Fine-tuning$", None),
     ("feature extractor", r"^Feature extractor$", None),
 ]
 QUICK = ["--trainer.max_epochs", "1", "--data.init_args.max_train_per_task", "32", "--trainer.limit_val_batches", "1",
-         "--trainer.limit_test_batches", "1", "--model.joint_epochs", "0"]
+         "--trainer.limit_test_batches", "1"]
+
+
+def quick_flags(flags: list[str]) -> list[str]:
+    """:data:`QUICK`, and for the memory-efficient row no joint phase (its one epoch is TAPS'); other
+    modes do not read ``joint_epochs`` (the LoRA baseline refuses it)."""
+    return QUICK + (["--model.joint_epochs", "0"] if "memory_efficient" in flags else [])
 
 PAPER = """Paper, for reference (real benchmarks, ResNet-50 / ResNet-34 at 224 px; not comparable in value):
 
@@ -97,12 +122,14 @@ PAPER = """Paper, for reference (real benchmarks, ResNet-50 / ResNet-34 at 224 p
 """
 
 
-def run_variant(extra: list[str], common: list[str], overrides: list[str], seed: int = 0) -> list[dict]:
+def run_variant(extra: list[str], common: list[str], overrides: list[str], seed: int = 0) -> tuple[list[dict], float]:
+    """The test report rows of the run's best checkpoint, and its validation score (what selected it)."""
     from experiments.fit import main
 
     cli = main(common + extra + overrides + ["--seed_everything", str(seed)])
     report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResultsReport))
-    return report.rows
+    best = cli.trainer.checkpoint_callback.best_model_score
+    return report.rows, float(best) if best is not None else float("nan")
 
 
 def _slug(label: str) -> str:
@@ -123,11 +150,11 @@ def load_run(path: Path, flags: list[str]) -> list[dict] | None:
 
 def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict]:
     """Train one row for one seed and keep its report rows (written atomically)."""
-    flags = dict(VARIANTS)[label]
+    flags = ROWS[label]
     common = ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.name", "reproduce"]
     start = time.time()
-    rows = run_variant(flags, common, QUICK if quick else [], seed)
-    record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows,
+    rows, best_val = run_variant(flags, common, quick_flags(flags) if quick else [], seed)
+    record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows, "best_val": best_val,
               "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.machine(), "cpu": cpu_model(), "protocol": PROTOCOL, "commit": _commit()}
     path = run_file(runs, label, seed, quick)
@@ -304,6 +331,39 @@ def pareto_markdown(points: dict[str, list[dict]], figure: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine(records: list[dict]) -> str:
+    """What the kept runs were made on: machine, CPU model(s), threads per run, torch, commit(s)."""
+    threads = sorted({r.get("threads") for r in records})
+    commits = sorted({str(r.get("commit")) for r in records})
+    cpus = sorted({r["cpu"] for r in records if r.get("cpu")})
+    return (f"{records[0].get('machine', platform.machine())}"
+            + (f" ({' / '.join(cpus)}{', and CPUs not recorded' if any(not r.get('cpu') for r in records) else ''})"
+               if cpus else "")
+            + f", {'/'.join(map(str, threads))} thread(s) per run, "
+            f"torch {records[0].get('torch', torch.__version__)}, CPU, commit {'/'.join(commits)}")
+
+
+def format_sweep(records: list[dict], machine: str, command: str) -> str:
+    """The LoRA learning-rate sweep: each rate's best validation accuracy (what selects it) and, for
+    reference only, its test accuracy; the selected rate is the highest validation accuracy."""
+    best = max(records, key=lambda r: r["best_val"])
+    lines = ["| learning rate | validation acc (%, best epoch; selects) | test acc (%) | worst task (test) | selected |",
+             "|---:|---:|---:|---:|:---:|"]
+    for r in sorted(records, key=lambda r: float(r["flags"][r["flags"].index("--model.lr") + 1])):
+        lr = r["flags"][r["flags"].index("--model.lr") + 1]
+        tasks = [row["task"] for row in r["rows"][:-1]]
+        lines.append(f"| {lr} | {100 * r['best_val']:.2f} | {r['rows'][-1]['accuracy']:.2f} | {_worst([r['rows']], tasks)} "
+                     f"| {'yes' if r is best else ''} |")
+    chosen = best["flags"][best["flags"].index("--model.lr") + 1]
+    return ("# Learning rate of the LoRA baseline\n\n"
+            f"Command: `{command}` (made on {machine}). LoRA (PEFT) at rank 8, seed 0, SGD with momentum 0.9 and "
+            "the per-epoch cosine of every other row, the `experiments.fit` defaults otherwise; the rate is chosen by the best "
+            "epoch's mean validation accuracy over tasks (the checkpoint selection of every row). Test accuracy is shown "
+            "for reference and chose nothing.\n\n" + "\n".join(lines) + "\n\n"
+            f"Selected: `--model.lr {chosen}` (`LORA_LR` in `experiments/reproduce.py`), used by every LoRA row of "
+            "[the results](results.md).\n")
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/results.md")
@@ -316,19 +376,23 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, each on cores/jobs threads")
     parser.add_argument("--rerun", action="store_true", help="train again even where a finished run is kept")
     parser.add_argument("--no-train", action="store_true", help="only redraw the table and figure from kept runs")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the LoRA baseline's learning-rate sweep (rank 8, seed 0) into lora_sweep.md beside --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one (row, seed) in a child process
     args = parser.parse_args(argv)
-    labels = [label for label, _ in VARIANTS]
-    unknown = sorted(set(args.only or ()) - set(labels) | ({args.worker} - set(labels) if args.worker else set()))
+    labels = [label for label, _ in (SWEEP if args.sweep else VARIANTS)]
+    unknown = sorted(set(args.only or ()) - set(labels) | ({args.worker} - set(ROWS) if args.worker else set()))
     if unknown:
         parser.error(f"unknown row(s) {unknown}; rows are {labels}")
+    if args.sweep and args.seeds != [0]:
+        parser.error("--sweep selects the learning rate on seed 0 only; drop --seeds")
     out = Path(args.out)
     runs = Path(args.runs) if args.runs else out.parent / "runs"
     if args.worker:
         train_and_store(args.worker, args.seeds[0], runs, args.quick)
         return runs
     chosen = [label for label in labels if args.only is None or label in args.only]
-    flags = dict(VARIANTS)
+    flags = ROWS
     todo = [(label, seed) for seed in args.seeds for label in chosen  # seed-major: every row once first
             if args.rerun or load_run(run_file(runs, label, seed, args.quick), flags[label]) is None]
     if todo and not args.no_train:
@@ -345,16 +409,16 @@ def main(argv: list[str] | None = None) -> Path:
             records += found
     if not results:
         raise SettingsError(f"no finished runs in {runs}; run without --no-train first")
+    if args.sweep:
+        path = out.parent / "lora_sweep.md"
+        command = "python -m experiments.reproduce --sweep" + (" --quick" if args.quick else "")
+        text = format_sweep(records, _machine(records), command)
+        atomic_write(path, lambda f: f.write(text), "the sweep table", text=True)
+        print(path.read_text())
+        return path
     command = ("python -m experiments.reproduce" + (" --quick" if args.quick else "")
                + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""))
-    threads = sorted({r.get("threads") for r in records})
-    commits = sorted({str(r.get("commit")) for r in records})
-    cpus = sorted({r["cpu"] for r in records if r.get("cpu")})
-    machine = (f"{records[0].get('machine', platform.machine())}"
-               + (f" ({' / '.join(cpus)}{', and CPUs not recorded' if any(not r.get('cpu') for r in records) else ''})"
-                  if cpus else "")
-               + f", {'/'.join(map(str, threads))} thread(s) per run, "
-               f"torch {records[0].get('torch', torch.__version__)}, CPU, commit {'/'.join(commits)}")
+    machine = _machine(records)
     seconds = sum(r.get("seconds", 0.0) for r in records)
     points = pareto_points(results)
     figure = draw_pareto(points, Path(args.figure) if args.figure else out.parent / "pareto.png",

@@ -14,6 +14,7 @@ from .models.taps_model import TapsModel
 from .models.multitask import MultiTaskModel
 from .core.norms import TaskNorm
 from .models.progressive import ProgressiveAdapterModel
+from .models.lora import LoRAModel
 from .training.recalibrate import recalibrate_norms
 from .models.stats import count_params, gate_states, sparsity_loss, total_params_multiple
 from .core.task_layer import TaskLayer
@@ -21,7 +22,7 @@ from .core.task_layer import TaskLayer
 __version__ = "0.1.0"
 
 __all__ = [
-    "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TaskNorm",
+    "MultiTaskModel", "TapsModel", "ProgressiveAdapterModel", "LoRAModel", "MultiHeadModel", "TapsConfig", "TaskLayer", "TapsLayer", "TaskNorm",
     "create_taps_model", "create_backbone", "load_weights", "create_taps_layer", "inject_taps", "strip_classifier",
     "gate_open", "gated_weight",
     "sparsity_loss", "gate_states", "count_params", "total_params_multiple",

@@ -22,6 +22,7 @@ from callbacks import (DecathlonScore, LayerSelectionLogger, ResultsReport, Task
 from taps_lightning.training.budget import BUDGET_MONITOR
 from taps_lightning.errors import CheckpointError, OutputError, SettingsError
 from taps_lightning.training.checks import resume_conflicts
+from taps_lightning.training.compose import refuse_unused_flags, unread_flag_defaults
 from taps_lightning.training.modes import MODES, unused_flags
 
 from .embedded import EMBEDDED_WEIGHTS_SHA256, embedded_weights_path
@@ -122,8 +123,13 @@ class TapsCLI(LightningCLI):
             print(note, file=sys.stderr)
         mode = MODES.get(cfg.model.mode)
         if mode is not None and getattr(self, "trained", None) is None:  # fit: flags the user changed for nothing
-            for note in unused_flags(mode, cfg.model, self.parser.get_defaults().model):
+            defaults = self.parser.get_defaults().model
+            refuse_unused_flags(mode, cfg.model, defaults)  # a mode that refuses them: before any folder
+            for note in unused_flags(mode, cfg.model, defaults):
                 warnings.warn(note, UserWarning, stacklevel=2)
+        if mode is not None and mode.refuses_unused_flags:  # fit's own defaults differ (sparsity_warmup_epochs)
+            for key, value in unread_flag_defaults(mode).items():
+                cfg.model[key] = value
         if cfg.trainer.strategy == "ddp" and mode is not None and mode.leaves_parameters_unused:
             # some parameters sit out of the graph in some epochs: DDP must be told to expect that
             cfg.trainer.strategy = "ddp_find_unused_parameters_true"

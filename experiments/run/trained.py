@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules import DataLayoutError, MultiTaskDataModule
 from taps_lightning import TaskFileError, load_task, task_metadata
+from taps_lightning.files.export import TASK_FORMATS, checked_metadata
 from taps_lightning.errors import CheckpointError, SettingsError
 from taps_lightning.training.compose import create_taps_module, flag_defaults, module_flags
 from taps_lightning.training.lightning_module import TapsModule
@@ -66,6 +67,9 @@ class TrainedTasks:
     hparams: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     stored_class_names: dict[str, list[str] | None] = field(default_factory=dict)
+    #: The task files' formats (``taps-task/1``, ``lora-task/1``), and a LoRA file's settings.
+    formats: dict[str, str] = field(default_factory=dict)
+    lora_settings: dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "TrainedTasks":
@@ -94,6 +98,15 @@ class TrainedTasks:
                                  "pass one file per task")
             trained.files[task], trained.num_classes[task] = path, int(meta["num_classes"])
             trained.stored_class_names[task] = meta["class_names"]
+            trained.formats[task] = meta.get("format", "")
+            if trained.formats[task] == TASK_FORMATS["lora"]:
+                raw = {k: v for k, v in meta.items() if k != "class_names"}  # task_metadata decoded these
+                parsed = checked_metadata(path, raw, ("lora_rank", "lora_alpha", "lora_grouped_convs"))
+                trained.lora_settings[task] = (parsed["lora_rank"], parsed["lora_alpha"], parsed["lora_grouped_convs"])
+        kinds = sorted(set(trained.formats.values()))
+        if len(kinds) > 1:
+            raise SettingsError("--tasks_from: the files are of different kinds (" + ", ".join(
+                f"{trained.files[t]}: {f}" for t, f in trained.formats.items()) + "); load one kind at a time")
         return trained
 
     def origin(self, task: str | None = None) -> str:
@@ -105,16 +118,30 @@ class TrainedTasks:
     def configure_model(self, model_cfg) -> None:
         """Set ``--model.*`` for these tasks. From a checkpoint: its hyper-parameters (as
         LightningCLI does for ``--ckpt_path``), with no weights file, since the checkpoint holds
-        every weight. From task files: a TAPS mode is required, the base is ``--model.*``'s."""
+        every weight. From task files: the base is ``--model.*``'s; TAPS files need a TAPS mode, LoRA
+        files set the lora mode and its settings."""
         if self.checkpoint is not None:
             for key in _MODULE_ARGS & self.hparams.keys():
                 model_cfg[key] = self.hparams[key]
             model_cfg.pretrained, model_cfg.weights, model_cfg.weights_sha256 = False, None, None
+        elif self.lora_settings:
+            self._configure_lora(model_cfg)
         elif not mode_class(model_cfg.mode).learns_gates:
             raise SettingsError(f"--tasks_from loads TAPS task files, but --model.mode is {model_cfg.mode!r}; "
                              "use the default (incremental), or --ckpt_path for a baseline or progressive run")
         if model_cfg.mode == "memory_efficient":
             model_cfg.joint_epochs = 0  # evaluate the tasks as trained (TAPS on), not the joint warm-up phase
+
+    def _configure_lora(self, model_cfg) -> None:
+        """LoRA files: ``--model.mode lora`` (what the files are, whatever the flag says) with the files'
+        rank, alpha and grouped-convolution variant (all files must agree; the base is still ``--model.*``'s)."""
+        model_cfg.mode = "lora"
+        settings = set(self.lora_settings.values())
+        if len(settings) > 1:
+            raise SettingsError("--tasks_from: the LoRA files differ in rank, alpha or grouped convolutions (" + "; ".join(
+                f"{self.files[t]}: rank {r}, alpha {a}, {g}" for t, (r, a, g) in self.lora_settings.items())
+                + "); load files trained with the same settings together")
+        model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_grouped_convs = settings.pop()
 
     def select(self, tasks: Sequence[str] | None) -> list[str]:
         """``tasks`` (default: all), each checked to be one of these tasks."""

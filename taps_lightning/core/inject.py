@@ -17,7 +17,7 @@ from .layers import create_taps_layer
 from .norms import NORM_TYPES, TaskNorm
 from .task_layer import TaskLayer
 
-__all__ = ["inject_taps", "strip_classifier", "restore_classifier", "Classifier", "set_submodule"]
+__all__ = ["inject_taps", "find_task_layers", "inject_task_norms", "strip_classifier", "restore_classifier", "Classifier", "set_submodule"]
 
 #: Where torchvision and other non-timm classifiers keep their final layer (fallback search).
 _CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads", "head.fc", "last_linear")
@@ -148,6 +148,40 @@ def restore_classifier(model: nn.Module, classifier: Classifier, head: nn.Linear
     return model
 
 
+def find_task_layers(backbone: nn.Module, exclude: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """``(gated_names, norm_names)``: every ``Conv*d``/``Linear`` and every norm layer of ``backbone``
+    in registration order, outside ``exclude`` (module names or name prefixes) and not inside
+    another found layer. A layer already wrapped by a per-task layer is refused."""
+    excluded = tuple(exclude)
+
+    def skip(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in excluded)
+
+    gated, norms = [], []
+    found: set[str] = set()
+    for name, module in backbone.named_modules():
+        parts = name.split(".")
+        if not name or skip(name) or any(".".join(parts[:i]) in found for i in range(1, len(parts))):
+            continue
+        if isinstance(module, TaskLayer):
+            raise ValueError(f"{name} is already wrapped by TAPS; wrap an unmodified backbone")
+        if isinstance(module, GATED_TYPES):
+            gated.append(name)
+            found.add(name)
+        elif isinstance(module, NORM_TYPES):
+            norms.append(name)
+            found.add(name)
+    if not gated:
+        raise ValueError(f"{type(backbone).__name__} has no Conv/Linear layer to gate")
+    return gated, norms
+
+
+def inject_task_norms(backbone: nn.Module, names: Iterable[str]) -> None:
+    """Make each norm layer ``names`` lists task-specific (a :class:`~taps_lightning.core.norms.TaskNorm`)."""
+    for name in names:
+        set_submodule(backbone, name, TaskNorm(backbone.get_submodule(name)))
+
+
 def inject_taps(
     backbone: nn.Module,
     config: TapsConfig | None = None,
@@ -164,32 +198,11 @@ def inject_taps(
             other weight adapters (e.g. progressive LoRA adapters) reuse this injection.
 
     Returns:
-        ``(gated_names, norm_names)`` in registration order.
+        ``(gated_names, norm_names)`` in registration order (:func:`find_task_layers`).
     """
     wrap_layer = wrap_layer or (lambda m: create_taps_layer(m, config))
-    excluded = tuple(exclude)
-
-    def skip(name: str) -> bool:
-        return any(name == e or name.startswith(e + ".") for e in excluded)
-
-    gated, norms = [], []
-    wrapped: set[str] = set()
-    for name, module in backbone.named_modules():
-        parts = name.split(".")
-        if not name or skip(name) or any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
-            continue
-        if isinstance(module, TaskLayer):
-            raise ValueError(f"{name} is already wrapped by TAPS; wrap an unmodified backbone")
-        if isinstance(module, GATED_TYPES):
-            gated.append(name)
-            wrapped.add(name)
-        elif isinstance(module, NORM_TYPES):
-            norms.append(name)
-            wrapped.add(name)
+    gated, norms = find_task_layers(backbone, exclude)
     for name in gated:
         set_submodule(backbone, name, wrap_layer(backbone.get_submodule(name)))
-    for name in norms:
-        set_submodule(backbone, name, TaskNorm(backbone.get_submodule(name)))
-    if not gated:
-        raise ValueError(f"{type(backbone).__name__} has no Conv/Linear layer to gate")
+    inject_task_norms(backbone, norms)
     return gated, norms

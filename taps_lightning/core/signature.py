@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["layout_signature", "base_fingerprint"]
+__all__ = ["layout_signature", "task_layout_signature", "base_fingerprint"]
 
 
 def layout_signature(model) -> str:
@@ -16,6 +17,15 @@ def layout_signature(model) -> str:
     for name, norm in model.task_norms():
         shapes = [tuple(t.shape) for t in norm.base_norm.state_dict().values()]
         h.update(f"{name}:{shapes};".encode())
+    return h.hexdigest()[:16]
+
+
+def task_layout_signature(entries: Iterable[tuple[str, str, Mapping[str, Sequence[int]]]]) -> str:
+    """Hash of ``(layer name, kind, {entry: shape})`` for every per-task layer a model's task files
+    hold (the layout check of files other than TAPS'): equal iff a file's tensors fit the model."""
+    h = hashlib.sha256()
+    for name, kind, shapes in entries:
+        h.update(f"{name}:{kind}:{sorted((k, tuple(v)) for k, v in shapes.items())};".encode())
     return h.hexdigest()[:16]
 
 

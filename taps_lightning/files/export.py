@@ -43,7 +43,10 @@ def _class_names_metadata(model, task: str, class_names: Sequence[str] | None) -
 
 #: The task-file formats, by the ``task_file_kind`` a model declares: this module is their one owner
 #: (it writes the ``format`` key, lays out the tensors and reads both back).
-TASK_FORMATS = {"taps": "taps-task/1", "progressive": "progressive-task/1"}
+TASK_FORMATS = {"taps": "taps-task/1", "progressive": "progressive-task/1", "lora": "lora-task/1"}
+#: What loads each kind of task file, for the message refusing it elsewhere.
+_LOADED_BY = {"taps": "a TapsModel (--model.mode incremental, joint or memory_efficient)",
+              "lora": "a LoRAModel (--model.mode lora)"}
 
 
 def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], task: str) -> None:
@@ -166,18 +169,27 @@ def _read_metadata(path: Path) -> dict[str, str]:
         raise _unreadable(path, err) from err
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and metadata, if it is a task file of the kind ``model`` loads."""
     metadata = _read_metadata(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise _unreadable(path, err) from err
-    if metadata.get("format") == TASK_FORMATS["progressive"]:
-        raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS task files only "
+    kind, found = model.task_file_kind, metadata.get("format")
+    if found == TASK_FORMATS["progressive"]:
+        raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS and LoRA task files only "
                             "(restore progressive runs from their checkpoint)")
-    if metadata.get("format") != TASK_FORMATS["taps"]:
+    if kind not in _FILE_CHECKS:
+        raise TaskFileError(f"{type(model).__name__} loads no task files; it stores tasks in its checkpoint")
+    other = next((k for k, f in TASK_FORMATS.items() if f == found and k != kind), None)
+    if other in _LOADED_BY:
+        raise TaskFileError(f"{path}: a {other} task file ({found}), but this model is a {type(model).__name__}; "
+                            f"load it onto {_LOADED_BY[other]}")
+    if found != TASK_FORMATS[kind]:
+        name = "TAPS" if kind == "taps" else kind
         raise TaskFileError(
-            f"{path}: not a TAPS task file (format {metadata.get('format')!r}, expected {TASK_FORMATS['taps']!r}); "
+            f"{path}: not a {name} task file (format {found!r}, expected {TASK_FORMATS[kind]!r}); "
             "export tasks with taps_lightning.save_task"
         )
     return tensors, metadata
@@ -240,6 +252,7 @@ METADATA_FIELDS: dict[str, Any] = {
     "gated_layers": _count, "active_layers": _count, "layout_signature": str, "base_fingerprint": str,
     "layer_order": _json_of(list), "class_names": _string_list, "schedule": _json_of(list),
     "groups": _json_of(dict), "path": _json_of(list), "base_dtype": lambda text: _BASE_DTYPES[text],
+    "lora_rank": _positive_int, "lora_alpha": _finite_float, "lora_grouped_convs": str, "task_layout_signature": str,
 }
 
 
@@ -292,7 +305,8 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise TaskFileError(f"{path}: unexpected tensors {unexpected[:3]} (not in this model's layout); {fix}")
-    missing = sorted(k for k in expected if k not in tensors and not k.startswith("delta."))
+    optional = "delta." if model.task_file_kind == "taps" else None  # a closed TAPS layer stores no delta
+    missing = sorted(k for k in expected if k not in tensors and not (optional and k.startswith(optional)))
     if missing:
         raise TaskFileError(f"{path}: incomplete task file, missing {missing[:3]}"
                             f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; {fix}")
@@ -305,11 +319,46 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
         raise TaskFileError(f"{path}: wrong tensor dtypes: {'; '.join(wrong[:3])}"
                             f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}; {fix}")
     check_finite(tensors, str(path), fix)
-    for name, _ in model.taps_layers():
+    for name, _ in (model.taps_layers() if model.task_file_kind == "taps" else ()):
         score, delta = tensors[file_key("score", name)], file_key("delta", name)
         if gate_open(score.reshape(()), model.threshold) and delta not in tensors:
             raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
                                 f"{delta} is missing; {fix}")
+
+
+def _layout_refused(path: Path, meta: dict[str, Any], model: MultiTaskModel, ours: str, key: str) -> None:
+    if meta[key] != ours:
+        raise TaskFileError(
+            f"{path}: made for backbone {meta['backbone']!r} (layout {meta[key]}), "
+            f"but this model is {model.backbone_name!r} (layout {ours}); "
+            f"create the model from {meta['backbone']!r} to load it"
+        )
+
+
+def _check_taps_file(path: Path, meta: dict[str, Any], raw: dict[str, str], model: TapsModel) -> None:
+    """A TAPS file: the same gated layers and norms, and the same threshold."""
+    _layout_refused(path, meta, model, layout_signature(model), "layout_signature")
+    if meta["threshold"] != model.threshold:
+        raise TaskFileError(f"{path}: saved with threshold {raw['threshold']}, this model uses {model.threshold}; "
+                            f"create the model with threshold={raw['threshold']}")
+
+
+def _check_lora_file(path: Path, meta: dict[str, Any], raw: dict[str, str], model) -> None:
+    """A LoRA file: the same rank, alpha and grouped-convolution variant (each named by its flag),
+    then the same adapted layers and norms."""
+    wrong = [f"--model.{flag} {raw[key]} (this model: {ours})" for flag, key, theirs, ours in (
+        ("lora_rank", "lora_rank", meta["lora_rank"], model.rank),
+        ("lora_alpha", "lora_alpha", meta["lora_alpha"], model.alpha),
+        ("lora_grouped_convs", "lora_grouped_convs", meta["lora_grouped_convs"], model.grouped_convs))
+        if theirs != ours]
+    if wrong:
+        raise TaskFileError(f"{path}: trained with {', '.join(wrong)}; build the model with the file's settings "
+                            "(experiments.evaluate/predict take them from the files)")
+    _layout_refused(path, meta, model, model.file_layout(), "task_layout_signature")
+
+#: How a file of each loadable kind is checked against the model, and the metadata keys it needs for that.
+_FILE_CHECKS = {"taps": (_check_taps_file, ("layout_signature", "threshold")),
+                "lora": (_check_lora_file, ("lora_rank", "lora_alpha", "lora_grouped_convs", "task_layout_signature"))}
 
 
 def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None, strict_base: bool = True) -> str:
@@ -320,23 +369,19 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     including a task of the same name.
 
     Args:
-        model: a ``TapsModel`` on the same backbone the file was made with.
+        model: a ``TapsModel`` (or ``LoRAModel``, for a LoRA file) on the same backbone and
+            settings the file was made with.
         path: a file written by :func:`save_task`.
         task: name to load it under (default: the name stored in the file).
         strict_base: refuse a file trained on other shared weights (e.g. a joint-mode task
             loaded onto the pre-trained base). ``False`` loads it anyway.
     """
     path = Path(path)
-    tensors, raw = _read(path)
-    meta = checked_metadata(path, raw, ("layout_signature", "backbone", "base_fingerprint", "threshold",
-                                        "num_classes", *(() if task else ("task",))))
-    layout, backbone = meta["layout_signature"], meta["backbone"]
-    if layout != layout_signature(model):
-        raise TaskFileError(
-            f"{path}: made for backbone {backbone!r} (layout {layout}), "
-            f"but this model is {model.backbone_name!r} (layout {layout_signature(model)}); "
-            f"create the model from {backbone!r} to load it"
-        )
+    tensors, raw = _read(path, model)
+    check_file, required = _FILE_CHECKS[model.task_file_kind]
+    meta = checked_metadata(path, raw, (*required, "backbone", "base_fingerprint", "num_classes",
+                                        *(() if task else ("task",))))
+    check_file(path, meta, raw, model)
     fingerprint = meta["base_fingerprint"]
     if strict_base and fingerprint != (ours := _file_fingerprint(model, meta.get("base_dtype"))):
         raise TaskFileError(
@@ -344,10 +389,6 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
             f"{fingerprint} vs {ours}); load the same pre-trained or jointly "
             "trained base first (e.g. from its checkpoint), or pass strict_base=False"
         )
-    threshold = meta["threshold"]
-    if threshold != model.threshold:
-        raise TaskFileError(f"{path}: saved with threshold {raw['threshold']}, this model uses {model.threshold}; "
-                            f"create the model with threshold={raw['threshold']}")
     num_classes = meta["num_classes"]
     task = task or meta["task"]
     if not isinstance(task, str) or not TASK_NAME.match(task):

@@ -21,15 +21,17 @@ import torch
 from ..core.config import SCORE_INIT, THRESHOLD
 from ..errors import CheckpointError, SettingsError
 from ..models.factory import check_weights_file, create_backbone, input_mean_std
+from ..models.lora import DEFAULT_LORA_RANK
 from ..models.progressive import DEFAULT_ADAPTER_RANK
 from .budget import DEFAULT_BUDGET_RATE, create_lambda_policy
 from .checks import normalize_sha256
 from .lightning_module import TapsModule
-from .modes import mode_class
+from .modes import MODE_FLAGS, Mode, mode_class, unused_flags
 from .settings import (DEFAULT_RECALIBRATE_BATCHES, EvaluationSettings, GateSettings, ModeSettings,
                        OptimizerSettings, check_settings)
 
-__all__ = ["create_taps_module", "flag_defaults", "module_from_checkpoint", "NETWORK_FLAGS"]
+__all__ = ["create_taps_module", "flag_defaults", "module_from_checkpoint", "refuse_unused_flags",
+           "unread_flag_defaults", "NETWORK_FLAGS"]
 
 #: Flags that say which network to build (checked where it is built, :mod:`~taps_lightning.models.factory`).
 NETWORK_FLAGS = ("backbone", "pretrained", "weights", "weights_sha256", "timm_kwargs")
@@ -67,6 +69,10 @@ def create_taps_module(
     recompute_weight: bool = True,
     recalibrate_batches: int = DEFAULT_RECALIBRATE_BATCHES,
     freeze_gates_epochs: int = 0,
+    lora_rank: int = DEFAULT_LORA_RANK,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    lora_grouped_convs: str = "frozen",
 ) -> TapsModule:
     """Build the module that trains one backbone on several tasks with TAPS or a baseline.
 
@@ -78,7 +84,9 @@ def create_taps_module(
             base and task heads/norms trained jointly for ``joint_epochs``, then incremental
             TAPS on that base), ``finetune`` (a full copy per task), ``linear`` (frozen
             feature extractor, heads only), ``joint_finetune`` (one shared backbone, heads),
-            ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity).
+            ``progressive`` (progressive task-specific LoRA adapters grouped by gradient similarity),
+            ``lora`` (Hugging Face PEFT's LoRA, one adapter per task, frozen backbone, task norms
+            and heads as TAPS; a flag of another mode is refused).
         lam: ``lambda``, weight of the sparsity penalty ``(1/L) sum |s|`` (not used with a ``budget``).
         threshold: ``tau``.
         score_init: initial layer score (above ``tau``: every layer starts task-specific).
@@ -127,9 +135,17 @@ def create_taps_module(
         freeze_gates_epochs: TAPS modes: keep every gate as it is during the last this many
             epochs (the scores get no update; deltas, norms and heads keep training), so the
             selection settles before the end.
+        lora_rank: lora mode: LoRA rank ``r`` of every adapted layer (PEFT's ``LoraConfig.r``).
+        lora_alpha: lora mode: PEFT's ``lora_alpha``; the update is scaled by ``alpha / r``
+            (default: ``lora_rank``, a scale of 1).
+        lora_dropout: lora mode: PEFT's ``lora_dropout`` on each adapter's input.
+        lora_grouped_convs: lora mode: what happens to grouped and depthwise convolutions, which
+            PEFT's LoRA cannot adapt: ``frozen`` (shared, as pre-trained) or ``full`` (a full copy
+            trained per task, PEFT's ``modules_to_save``).
     """
     given = {k: v for k, v in locals().items()}  # the flags as given: the module's hyper-parameters
     mode_cls = mode_class(mode)  # before anything else: the flag's allowed values
+    refuse_unused_flags(mode_cls, given)
     if not tasks:
         raise SettingsError("no tasks: give `tasks={name: num_classes}` (experiments.fit takes them from --data)")
     resolved = dict(given, weights_sha256=normalize_sha256(weights_sha256))
@@ -149,6 +165,27 @@ def create_taps_module(
                         input_mean_std=mean_std)
     module.save_hyperparameters(dict(given, weights_sha256=resolved["weights_sha256"]))  # the digest as sha256sum prints it
     return module
+
+
+def refuse_unused_flags(mode_cls: type[Mode], flags: Mapping[str, Any],
+                        defaults: Mapping[str, Any] | None = None) -> None:
+    """For a mode that refuses them (:attr:`Mode.refuses_unused_flags`), a
+    :class:`SettingsError` listing every flag changed from ``defaults`` (default:
+    :func:`flag_defaults`) that the mode would not read."""
+    if not mode_cls.refuses_unused_flags:
+        return
+    notes = unused_flags(mode_cls, flags, flag_defaults() if defaults is None else defaults)
+    if notes:
+        raise SettingsError(f"--model.mode {mode_cls.name} refuses flags it would not use:\n  - " + "\n  - ".join(notes)
+                            + "\ndrop them (or pick the mode that reads them)")
+
+
+def unread_flag_defaults(mode_cls: type[Mode]) -> dict[str, Any]:
+    """The defaults of the :data:`~taps_lightning.training.modes.MODE_FLAGS` ``mode_cls`` does not read:
+    what a command line with other defaults (``experiments.fit``'s) resets them to for a mode that
+    refuses unused flags."""
+    defaults = flag_defaults()
+    return {k: defaults[k] for k in MODE_FLAGS if k not in mode_cls.reads}
 
 
 def flag_defaults() -> dict[str, Any]:

@@ -138,8 +138,7 @@ class TapsModule(L.LightningModule):
         t = self.trainer
         rank_zero_info(
             f"TAPS | backbone={self.model.backbone_name} mode={self.mode.name} tasks={self.model.num_classes} "
-            + f"{self.lam_policy.describe()} "
-            + (f"penalty={self.gate_settings.penalty} " if self.mode.learns_gates else "")
+            + "".join(f"{part} " for part in self.mode.describe(self.lam_policy, self.gate_settings.penalty).split(", ") if part)
             + f"device={self.device.type} x{t.world_size} precision={t.precision} epochs={t.max_epochs}")
 
     def on_train_epoch_start(self) -> None:

@@ -17,11 +17,13 @@ from ..models.baselines import MultiHeadModel
 from ..core.config import TapsConfig
 from ..models.taps_model import TapsModel
 from ..models.multitask import MultiTaskModel, task_cost_of
+from ..models.lora import LoRAModel
 from ..models.progressive import ProgressiveAdapterModel, cosine_similarity_matrix, group_tasks
 from .checks import SettingsError
 from .settings import ModeSettings
 
-__all__ = ["Mode", "ModeSettings", "MODES", "MODE_FLAGS", "GATE_FLAGS", "PROGRESSIVE_FLAGS", "unused_flags", "create_mode", "mode_class"]
+__all__ = ["Mode", "ModeSettings", "MODES", "MODE_FLAGS", "GATE_FLAGS", "PROGRESSIVE_FLAGS", "LORA_FLAGS",
+           "unused_flags", "create_mode", "mode_class"]
 
 
 #: ``--model`` flags that only modes with gates read (with a budget, ``lam`` is not read either).
@@ -29,8 +31,10 @@ GATE_FLAGS = ("lam", "threshold", "score_init", "sparsity_warmup_epochs", "score
               "budget", "budget_rate", "recompute_weight", "freeze_gates_epochs")
 #: ``--model`` flags that only the progressive adapters read.
 PROGRESSIVE_FLAGS = ("adapter_rank", "num_stages", "adapter_schedule", "similarity_epochs", "similarity_batches")
+#: ``--model`` flags that only the LoRA baseline reads.
+LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_grouped_convs")
 #: Every ``--model`` flag that some modes read and others do not (the rest every mode reads).
-MODE_FLAGS = GATE_FLAGS + PROGRESSIVE_FLAGS + ("joint_epochs",)
+MODE_FLAGS = GATE_FLAGS + PROGRESSIVE_FLAGS + LORA_FLAGS + ("joint_epochs",)
 
 
 class Mode:
@@ -45,6 +49,9 @@ class Mode:
     reads: tuple[str, ...] = ()
     #: Whether some trained parameters sit out of the graph in some epochs (DDP must be told).
     leaves_parameters_unused = False
+    #: Whether a :data:`MODE_FLAGS` flag this mode does not read is refused (:func:`unused_flags`
+    #: as an error) rather than warned about.
+    refuses_unused_flags = False
 
     def __init__(self, settings: ModeSettings) -> None:
         self.settings = settings
@@ -54,6 +61,13 @@ class Mode:
 
     def build(self, net: nn.Module, tasks: Mapping[str, int]) -> MultiTaskModel:
         raise NotImplementedError
+
+    def describe(self, lam_policy: Any, penalty: str) -> str:
+        """The settings that shape this mode's tasks, for logs and report titles (``lam=0.5``,
+        ``lora_rank=8 ...``; empty for a mode with none)."""
+        if not self.learns_gates:
+            return ""
+        return lam_policy.describe() + (f", penalty={penalty}" if penalty != "layers" else "")
 
     def taps_start_epoch(self) -> int:
         """First epoch in which gates train."""
@@ -216,6 +230,9 @@ class Progressive(Mode):
         super().__init__(settings)  # similarity_epochs >= 1 (the shared warm-up): checked with the other settings
         self.task_grads: dict[str, list[Tensor]] = {}
 
+    def describe(self, lam_policy, penalty):
+        return f"adapter_rank={self.settings.adapter_rank}"
+
     def build(self, net, tasks):
         s = self.settings
         return ProgressiveAdapterModel(net, tasks, rank=s.adapter_rank, num_stages=s.num_stages,
@@ -264,9 +281,29 @@ class Progressive(Mode):
             f"stage {s}: {' | '.join(','.join(g) for g in gs)}" for s, gs in groups.items())
 
 
+class LoRA(Mode):
+    """The LoRA baseline: PEFT's LoRA, one adapter per task, on a frozen backbone, with the task
+    norms and heads of TAPS. A flag of another mode (``--model.lam``, the gate and progressive
+    flags) is refused: it would do nothing."""
+
+    name = "lora"
+    reads = LORA_FLAGS
+    refuses_unused_flags = True
+
+    def describe(self, lam_policy, penalty):
+        s = self.settings
+        return (f"lora_rank={s.lora_rank}, lora_alpha={s.lora_alpha if s.lora_alpha is not None else s.lora_rank}, "
+                f"lora_grouped_convs={s.lora_grouped_convs}")
+
+    def build(self, net, tasks):
+        s = self.settings
+        return LoRAModel(net, tasks, rank=s.lora_rank, alpha=s.lora_alpha, dropout=s.lora_dropout,
+                         grouped_convs=s.lora_grouped_convs, backbone_name=s.backbone)
+
+
 #: Every mode by its ``--model.mode`` name.
 MODES: dict[str, type[Mode]] = {mode.name: mode for mode in (
-    Incremental, Joint, MemoryEfficient, FineTune, LinearProbe, JointFineTune, Progressive)}
+    Incremental, Joint, MemoryEfficient, FineTune, LinearProbe, JointFineTune, Progressive, LoRA)}
 
 
 def unused_flags(mode: type[Mode], flags: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence, TypeVar
 
 from ..core.config import threshold_problems
+from ..models.lora import GROUPED_CONVS
 from .checks import SettingsError
 
 __all__ = ["Settings", "OptimizerSettings", "GateSettings", "ModeSettings", "EvaluationSettings",
@@ -122,15 +123,27 @@ class ModeSettings(Settings):
     adapter_schedule: Sequence[int] | None
     similarity_epochs: int
     similarity_batches: int
+    lora_rank: int
+    lora_alpha: float | None
+    lora_dropout: float
+    lora_grouped_convs: str
 
     def problems(self, learns_gates: bool) -> list[str]:
         found = []
         for name, least in (("sparsity_warmup_epochs", 0), ("joint_epochs", 0)):
             if not _count(getattr(self, name), least):
                 found.append(f"--model.{name} must be an integer >= {least}, got {getattr(self, name)}")
-        for name in ("adapter_rank", "num_stages", "similarity_epochs", "similarity_batches"):
+        for name in ("adapter_rank", "num_stages", "similarity_epochs", "similarity_batches", "lora_rank"):
             if not _count(getattr(self, name), 1):
                 found.append(f"--model.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lora_alpha is None or (_finite(self.lora_alpha) and self.lora_alpha > 0)):
+            found.append(f"--model.lora_alpha must be a finite number > 0 (or null for --model.lora_rank: a scale of "
+                         f"alpha / rank = 1), got {self.lora_alpha}")
+        if not (_finite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            found.append(f"--model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_grouped_convs not in GROUPED_CONVS:
+            found.append(f"--model.lora_grouped_convs must be one of {', '.join(GROUPED_CONVS)} (what the LoRA "
+                         f"baseline does with the grouped convolutions PEFT cannot adapt), got {self.lora_grouped_convs!r}")
         if not learns_gates:  # a baseline has no gates: tau and the initial score mean nothing
             return found
         found += threshold_problems(self.threshold, self.score_init)  # the core's own rule (TapsConfig)

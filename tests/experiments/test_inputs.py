@@ -195,7 +195,7 @@ def test_a_task_folder_name_the_model_cannot_hold_is_refused_plainly(tmp_path, m
     (["--model.threshold", "0"], r"invalid settings:\n  - --model.threshold \(tau\) must be a finite number > 0[^\n]*$"),
     (["--model.budget", "0.2", "--model.lr", "-1"], r"invalid settings:\n  - --model.lr must be a finite number > 0, "
                                                      r"got -1.0$"),
-    (["--model.mode", "lora"], r"--model.mode: unknown mode 'lora'; choose one of incremental, joint"),
+    (["--model.mode", "dora"], r"--model.mode: unknown mode 'dora'; choose one of incremental, joint"),
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}", "--data.init_args.tasks", "[nope]"],
      r"unknown task\(s\) \['nope'\] for ImageFolderTasks \(--data.init_args.tasks\); available: \['shapes'\]"),
     (["--data", "ImageFolderTasks", "--data.init_args.root", "{root}/missing"], r"missing: data folder not found"),

@@ -14,6 +14,8 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import assert_rounding_close, two_task_taps_layer
+from peft import LoraConfig, inject_adapter_in_model
+from taps_lightning.models.lora import PeftLoRALayer
 from taps_lightning.models.progressive import LoRALayer
 
 
@@ -90,10 +92,37 @@ def _lora_reference(layer, task, x):
     return _conv64(layer.base_layer, weight, x)
 
 
+# -- PEFT's LoRA (the LoRA baseline): w + B @ A * lora_alpha / r, A and B PEFT's own layers -------------
+def _peft_add(layer, task):
+    """PEFT's own injection (the adapter named after the task) into the wrapper's ``tuner``."""
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3.0, target_modules=["tuner"]), layer, adapter_name=task)
+    layer.add_task(task)
+
+
+def _peft():
+    torch.manual_seed(2)
+    holder = nn.Sequential(nn.Conv2d(3, 4, 3))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=3.0, target_modules=["0"]), holder, adapter_name="a")
+    layer = PeftLoRALayer(holder[0], rank=2)
+    layer.add_task("a")
+    _peft_add(layer, "b")
+    with torch.no_grad():
+        for task in ("a", "b"):
+            layer.tuner.lora_B[task].weight.normal_(0, 0.2)
+    return layer
+
+
+def _peft_reference(layer, task, x):
+    a, b = (layer.tuner.lora_A[task].weight.detach().double(), layer.tuner.lora_B[task].weight.detach().double())
+    low_rank = (b.flatten(1) @ a.flatten(1)).view_as(layer.base_layer.weight)
+    return _conv64(layer.base_layer, layer.base_layer.weight.detach().double() + low_rank * 3.0 / 2, x)
+
+
 KINDS = {
     "taps": Kind(_taps, lambda layer, task: layer.add_task(task), _taps_reference, terms=3 * 9 + 4),
     "norm": Kind(_norm, lambda layer, task: layer.add_task(task), _norm_reference, terms=0),
     "lora": Kind(_lora, _lora_add, _lora_reference, terms=3 * 9 + 8),
+    "peft_lora": Kind(_peft, _peft_add, _peft_reference, terms=2 * 3 * 9 + 8),  # base conv + A conv + B
 }
 
 

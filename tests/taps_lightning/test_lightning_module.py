@@ -83,9 +83,9 @@ def test_hparams_keep_every_argument_with_the_digest_as_sha256sum_prints_it(tmp_
 
 
 def test_an_unknown_mode_is_refused_first_and_an_unknown_scheduler_with_the_other_settings():
-    with pytest.raises(ValueError, match="^--model.mode: unknown mode 'lora'; choose one of incremental, joint, memory_efficient, "
-                                         "finetune, linear, joint_finetune, progressive$"):
-        create_taps_module(mode="lora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
+    with pytest.raises(ValueError, match="^--model.mode: unknown mode 'dora'; choose one of incremental, joint, memory_efficient, "
+                                         "finetune, linear, joint_finetune, progressive, lora$"):
+        create_taps_module(mode="dora", lr=-1.0)  # neither the missing tasks nor the bad lr reported first
     with pytest.raises(SettingsError) as info:
         create_taps_module(tasks={"a": 3}, **{**TINY, "scheduler": "cos", "lr": -1.0})
     assert str(info.value).split("\n  - ")[1:] == [

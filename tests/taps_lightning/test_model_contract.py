@@ -4,7 +4,8 @@ tested by adding a case to ``CASES``):
 * routing: ``model(x, task)`` is the task's own network, written out here in float64 from the model's
   tensors (TAPS: ``w_base + I(s >= tau) * delta`` and the task's norms; the baselines: the task's
   backbone copy or the shared backbone, then its head; progressive: ``w_base + B @ A * alpha / rank``
-  of the adapter the task routes to); an unknown task is refused by name; switching tasks leaks nothing;
+  of the adapter the task routes to; LoRA: the same with PEFT's ``lora_A``/``lora_B`` of the task's own
+  adapter); an unknown task is refused by name; switching tasks leaks nothing;
 * costs: ``task_cost``, ``total_params_multiple`` and ``minimum_fractions`` equal counts made here from
   the parameters (a tensor shared by several tasks counted once in the total); a closed TAPS gate
   costs exactly that layer less;
@@ -26,6 +27,7 @@ from torch import nn
 
 import taps_lightning as tl
 from helpers import explicit_task_network, randomize_tasks
+from taps_lightning.models.lora import PeftLoRALayer
 from taps_lightning.models.progressive import LoRALayer
 
 TASKS = {"a": 3, "b": 5, "c": 3}  # a and c have the same width: a head mixed up between them still runs
@@ -195,6 +197,38 @@ def _load_progressive(model, path):
     return task
 
 
+# -- the LoRA baseline: PEFT's LoRA, one adapter per task ------------------------------------------
+def _lora() -> tl.LoRAModel:
+    model = tl.LoRAModel(_backbone(), TASKS, rank=RANK, alpha=ALPHA)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in _modules_of(model.backbone, PeftLoRALayer):
+            for b in layer.tuner.lora_B.values():  # B = 0 at the start: every task would be the base
+                b.weight.normal_(0, 0.05)
+    _randomize_norms(model)
+    return model
+
+
+def _lora_reference(model, task):
+    net = copy.deepcopy(model.backbone)
+    for name, module in list(net.named_modules()):
+        if isinstance(module, PeftLoRALayer):
+            plain, a, b = module.tuner.base_layer, module.tuner.lora_A[task].weight, module.tuner.lora_B[task].weight
+            update = (b.flatten(1) @ a.flatten(1)).reshape(plain.weight.shape) * (ALPHA / RANK)
+            plain.weight = nn.Parameter((plain.weight + update).detach())
+            _replace(net, name, plain)
+        elif isinstance(module, tl.TaskNorm):
+            _replace(net, name, module.norms[task])
+    return nn.Sequential(net, copy.deepcopy(model.heads[task]))
+
+
+def _lora_owned(model, task):
+    layers = _modules_of(model.backbone, PeftLoRALayer)
+    return dict(active_layers=len(layers), gated_layers=sum(isinstance(m, PLAIN_LAYERS) for m in _backbone().modules()),
+                delta=[p for _, layer in layers for p in (layer.tuner.lora_A[task].weight, layer.tuner.lora_B[task].weight)],
+                norm=_task_norm_params(model, task), head=list(model.heads[task].parameters()))
+
+
 @dataclass
 class Case:
     build: Callable[[], tl.MultiTaskModel]  # tasks TASKS, each with its own non-trivial state
@@ -211,6 +245,8 @@ CASES = {
     "joint_finetune": Case(_multihead(False, True), _multihead_reference, _multihead_owned),
     "progressive": Case(_progressive, _progressive_reference, _progressive_owned, _progressive_fresh,
                         _load_progressive),
+    "lora": Case(_lora, _lora_reference, _lora_owned, lambda: tl.LoRAModel(_backbone(), rank=RANK, alpha=ALPHA),
+                 tl.load_task),
 }
 EXPORTING = [k for k in CASES if CASES[k].load is not None]
 
@@ -224,7 +260,7 @@ def built(request):
 
 def test_the_cases_cover_every_model_class():
     classes = {type(case.build()) for case in CASES.values()}
-    assert classes == {tl.TapsModel, tl.MultiHeadModel, tl.ProgressiveAdapterModel}
+    assert classes == {tl.TapsModel, tl.MultiHeadModel, tl.ProgressiveAdapterModel, tl.LoRAModel}
     assert {name for name, case in CASES.items() if case.build().can_export} == set(EXPORTING)
 
 
@@ -380,6 +416,8 @@ def test_a_task_file_holds_exactly_what_the_task_costs(name, tmp_path):
                       if layer.taps_score[task].item() >= model.threshold}
             assert counts["delta_layers"] == active and not active & set(TAPS_OFF[task])
             assert {k for k in tensors if k.startswith("score.")} == {f"score.{n}" for n in model.gated_names}
+        elif name == "lora":  # its own adapter of every layer PEFT adapts
+            assert counts["delta_layers"] == set(model.lora_names)
         else:  # progressive: the task's adapter (shared or its own) of every layer on its path
             assert counts["delta_layers"] == set(model.gated_names)
 
@@ -416,7 +454,7 @@ BOOKKEEPING = [k for k in CASES if hasattr(type(CASES[k].build()), "remove_task"
 
 
 def test_bookkeeping_cases_are_the_classes_that_support_it():
-    assert BOOKKEEPING == ["taps"]  # MultiHeadModel and ProgressiveAdapterModel fix their tasks at creation
+    assert BOOKKEEPING == ["taps", "lora"]  # MultiHeadModel and ProgressiveAdapterModel fix their tasks at creation
 
 
 @pytest.mark.parametrize("name", BOOKKEEPING)

@@ -29,13 +29,13 @@ def _build(name, **hp):
 
 def test_the_modes_by_their_flag_names_and_which_learn_gates():
     assert list(MODES) == ["incremental", "joint", "memory_efficient", "finetune", "linear", "joint_finetune",
-                           "progressive"]
+                           "progressive", "lora"]
     assert all(MODES[name].name == name for name in MODES)  # each mode knows its flag value
     assert {name: create_mode(name, HP).learns_gates for name in MODES} == {
         "incremental": True, "joint": True, "memory_efficient": True,
-        "finetune": False, "linear": False, "joint_finetune": False, "progressive": False}
+        "finetune": False, "linear": False, "joint_finetune": False, "progressive": False, "lora": False}
     with pytest.raises(ValueError, match="^--model.mode: unknown mode 'Joint'; choose one of incremental, joint, memory_efficient, "
-                                         "finetune, linear, joint_finetune, progressive$"):
+                                         "finetune, linear, joint_finetune, progressive, lora$"):
         create_mode("Joint", HP)
 
 
@@ -48,6 +48,7 @@ TRAINED = {
     "linear": ("MultiHeadModel", {"heads"}),
     "joint_finetune": ("MultiHeadModel", {"backbone", "heads"}),
     "progressive": ("ProgressiveAdapterModel", {"lora_A", "lora_B", "norms", "heads"}),
+    "lora": ("LoRAModel", {"lora_A", "lora_B", "norms", "heads"}),
 }
 KINDS = ("taps_delta", "taps_score", "base_layer", "base_norm", "norms", "heads", "lora_A", "lora_B", "backbones",
          "backbone")

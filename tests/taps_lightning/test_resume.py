@@ -9,7 +9,12 @@ from helpers import cpu_trainer as _trainer
 from taps_lightning.training.compose import create_taps_module
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+#: The LoRA baseline refuses TINY's gate flag (sparsity_warmup_epochs); dropout draws random numbers to resume.
+LORA_TINY = dict(backbone="test_resnet", lr=0.05, mode="lora", lora_rank=2, lora_dropout=0.2)
+
+
+@pytest.mark.parametrize("flags", [dict(TINY, mode="joint"), LORA_TINY], ids=["joint", "lora"])
+def test_resume_equals_uninterrupted_run(tmp_path, flags):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Interrupt(L.Callback):  # stop after the first epoch, as a killed job would
@@ -19,7 +24,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     def run(ckpt_path=None, folder="a", interrupt=False):
         L.seed_everything(0)
         data = TinyTasks.make(n=32)
-        module = create_taps_module(tasks=data.num_classes, mode="joint", **TINY)
+        module = create_taps_module(tasks=data.num_classes, **flags)
         callbacks = [ModelCheckpoint(dirpath=tmp_path / folder, save_last=True)] + ([Interrupt()] if interrupt else [])
         trainer = _trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=callbacks)
         trainer.fit(module, data, ckpt_path=ckpt_path)
