@@ -7,7 +7,9 @@ for TAPS as shipped (gated weight rebuilt in backward) and with ``recompute_weig
 (gated weight saved from forward); the memory floor ``1 + base weight bytes / fine-tuning
 peak`` (TAPS must hold the frozen base beside the task weights); inference throughput of the
 gated and the merged model / the plain timm model (higher is better); bytes of one
-``save_task`` file / a full model file.
+``save_task`` file / a full model file. The LoRA baseline (PEFT, rank 8, one task) is timed and
+measured in the same rounds: its step time and peak memory / fine-tuning and / TAPS. Every row
+records the machine, CPU, thread count, torch and commit it was made on.
 """
 from __future__ import annotations
 
@@ -111,13 +113,20 @@ def peak_training_bytes(step) -> int:
 
 #: TAPS as shipped (gated weight rebuilt in backward), and with the gated weight saved instead.
 TAPS_VARIANTS = ("taps", "taps_saved_weight")
+#: The LoRA baseline's rank in the benchmark (PEFT's default, the rank of the results' middle row).
+LORA_RANK = 8
+#: Every side measured against fine-tuning: the TAPS variants and the LoRA baseline.
+SIDES = (*TAPS_VARIANTS, "lora")
 
 
 def build(arch: str, side: str, size: int) -> torch.nn.Module:
-    """The plain timm model (``finetune``) or one of :data:`TAPS_VARIANTS` with one 10-class task."""
+    """The plain timm model (``finetune``), one of :data:`TAPS_VARIANTS` or the LoRA baseline
+    (``lora``), with one 10-class task."""
     kwargs = {"img_size": size} if arch.startswith("vit") else {}
     if side == "finetune":
         return timm.create_model(arch, num_classes=10, **kwargs)
+    if side == "lora":
+        return tl.LoRAModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10}, rank=LORA_RANK)
     return tl.TapsModel(timm.create_model(arch, num_classes=0, **kwargs), {"t": 10},
                         recompute_weight=side == "taps")
 
@@ -192,15 +201,25 @@ def profile_steps(arch: str, batch: int, size: int, device: str, dtype, steps: i
     return rows
 
 
+def provenance() -> dict:
+    """What a row was measured on: machine and CPU model, thread count, torch, commit."""
+    import platform
+
+    from experiments.reproduce import _commit, cpu_model
+
+    return {"machine": f"{platform.machine()} ({cpu_model()})", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "commit": _commit()}
+
+
 def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,
           memory_only: bool = False, inference_repeats: int = 40) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     plain = build(arch, "finetune", size).to(device)
-    variants = {name: build(arch, name, size).to(device) for name in TAPS_VARIANTS}
+    variants = {name: build(arch, name, size).to(device) for name in SIDES}
     res: dict = {"arch": arch, "batch": batch, "size": size, "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
-                 "threads": torch.get_num_threads()}
+                 **provenance()}
     steps = {name: _train_step(m, x, y, dtype) for name, m in variants.items()}
     steps["finetune"] = _train_step(plain, x, y, dtype)
     for step in steps.values():
@@ -211,6 +230,7 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
     for name in variants:
         res[f"memory_ratio_{name}"] = res["peak_bytes"][name] / res["peak_bytes"]["finetune"]
     res["memory_ratio"] = res["memory_ratio_taps"]
+    res["memory_ratio_lora_taps"] = res["peak_bytes"]["lora"] / res["peak_bytes"]["taps"]
     if memory_only:
         return res
     names = list(steps)
@@ -222,6 +242,9 @@ def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: s
         res[f"train_step_ratio_{name}"] = med
         res["spread"][f"train_step_ratio_{name}"] = [lo, hi]
     res["train_step_ratio"] = res["train_step_ratio_taps"]
+    med, lo, hi = _ratio(times["lora"], times["taps"])
+    res["train_step_ratio_lora_taps"] = med
+    res["spread"]["train_step_ratio_lora_taps"] = [lo, hi]
     taps = variants["taps"]
     plain.eval(); taps.eval()
     merged = tl.merge(taps, "t").to(device).eval()
@@ -288,7 +311,7 @@ def training_costs(repeats: int, warmup: int, budget: float = 0.3, batches: int 
     epoch = steps_per_epoch * statistics.median(times["taps"])
     med, lo, hi = _ratio(times["budget"], times["taps"])
     return {"setup": "mobilenetv2_100, embedded digits, 4 tasks x batch 32 at 64 px, incremental TAPS",
-            "threads": torch.get_num_threads(), "steps_per_epoch": steps_per_epoch,
+            **provenance(), "steps_per_epoch": steps_per_epoch,
             "train_step_ms": {n: 1e3 * statistics.median(t) for n, t in times.items()},
             "budget_step_ratio": med, "budget_step_ratio_spread": [lo, hi],
             "recalibrate_batches": batches, "recalibrate_s": statistics.median(recal),
@@ -336,20 +359,22 @@ def main(argv=None) -> list[dict]:
     if args.process_rss:
         for row in rows:
             rss = {side: process_peak_rss(row["arch"], side, batch, size, precision)
-                   for side in ("finetune", *TAPS_VARIANTS)}
+                   for side in ("finetune", *SIDES)}
             row["process_peak_rss_bytes"] = rss
-            for name in TAPS_VARIANTS:
+            for name in SIDES:
                 row[f"process_rss_ratio_{name}"] = rss[name] / rss["finetune"]
     print(f"device={device} threads={torch.get_num_threads()} batch={batch} size={size} precision={precision}")
-    print("| arch | train step TAPS/FT | (saved weight) | peak memory TAPS/FT | (saved weight) | floor: 1 + base/FT | "
-          "gated infer. | merged infer. | stored bytes | count_params fraction |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| arch | train step TAPS/FT | (saved weight) | LoRA/FT | LoRA/TAPS | peak memory TAPS/FT | (saved weight) | "
+          "LoRA/FT | LoRA/TAPS | floor: 1 + base/FT | gated infer. | merged infer. | stored bytes | count_params fraction |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def fmt(r, key):
         return f"{r[key]:.3f}" if key in r else "-"
     for r in rows:
         print(f"| {r['arch']} | {fmt(r, 'train_step_ratio_taps')} | {fmt(r, 'train_step_ratio_taps_saved_weight')} | "
-              f"{fmt(r, 'memory_ratio_taps')} | {fmt(r, 'memory_ratio_taps_saved_weight')} | {fmt(r, 'memory_floor')} | "
+              f"{fmt(r, 'train_step_ratio_lora')} | {fmt(r, 'train_step_ratio_lora_taps')} | "
+              f"{fmt(r, 'memory_ratio_taps')} | {fmt(r, 'memory_ratio_taps_saved_weight')} | "
+              f"{fmt(r, 'memory_ratio_lora')} | {fmt(r, 'memory_ratio_lora_taps')} | {fmt(r, 'memory_floor')} | "
               f"{fmt(r, 'gated_inference_throughput_ratio')} | {fmt(r, 'merged_inference_throughput_ratio')} | "
               f"{fmt(r, 'stored_bytes_ratio')} | {fmt(r, 'count_params_fraction')} |")
     if args.process_rss:

@@ -3,7 +3,7 @@
 A page line ``<!-- bench:NAME -->`` is replaced by a table made from ``docs/<file>.json`` at build
 time, so a benchmark figure has one source (the JSON) and no page copies it by hand. The table
 says the thread count recorded in the JSON, and the machine and commit where the JSON records them
-(``experiments.bench`` does not record those yet: the table then says so).
+(a JSON written before ``experiments.bench`` recorded them: the table then says so).
 """
 from __future__ import annotations
 
@@ -65,6 +65,18 @@ def _profile_table() -> str:
     return "\n".join(out)
 
 
+def _lora_table() -> str:
+    rows = json.loads((DOCS / "bench.json").read_text())
+    out = ["| backbone | train step LoRA / FT | train step LoRA / TAPS (min-max over rounds) | peak train memory LoRA / FT "
+           "| peak train memory LoRA / TAPS | process peak RSS LoRA / FT |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lo, hi = r.get("spread", {}).get("train_step_ratio_lora_taps", [None, None])
+        out.append(f"| {r['arch']} | {_f(r.get('train_step_ratio_lora'))} | {_f(r.get('train_step_ratio_lora_taps'))} "
+                   f"({_f(lo)}-{_f(hi)}) | {_f(r.get('memory_ratio_lora'))} | {_f(r.get('memory_ratio_lora_taps'))} | "
+                   f"{_f(r.get('process_rss_ratio_lora'))} |")
+    return "\n".join(out) + "\n\n" + _provenance(rows, "bench.json")
+
+
 def _bf16_table() -> str:
     rows = json.loads((DOCS / "bench_bf16_b32_224.json").read_text())
     out = ["| backbone | peak train memory TAPS / FT | with `recompute_weight=False` | floor: 1 + base weights / FT peak |",
@@ -88,7 +100,7 @@ def _costs_table() -> str:
     return "\n".join(out) + "\n\n" + _provenance(rows, "bench_training_costs.json")
 
 
-TABLES = {"cpu": _cpu_table, "spread": _spread_table, "profile": _profile_table, "bf16": _bf16_table,
+TABLES = {"cpu": _cpu_table, "spread": _spread_table, "profile": _profile_table, "lora": _lora_table, "bf16": _bf16_table,
           "costs": _costs_table}
 
 

@@ -1,4 +1,4 @@
-"""Two gloo processes on CPU: ``experiments.fit`` with DDP (joint and progressive), and every
+"""Two gloo processes on CPU: ``experiments.fit`` with DDP (joint, progressive and the LoRA baseline), and every
 validation and test sample counted once."""
 import json
 import os
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["joint", "progressive"])
+@pytest.mark.parametrize("mode", ["joint", "progressive", "lora"])
 def test_cli_ddp_gloo_two_processes(mode, tmp_path):
     args = QUICK + ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                     "--model.backbone", "test_resnet", "--model.weights", "null", "--model.mode", mode,
@@ -29,6 +29,11 @@ def test_cli_ddp_gloo_two_processes(mode, tmp_path):
     assert "x2" in out and "| sketch |" in out
     if mode == "progressive":
         assert "ddp_find_unused_parameters_true" in out and "progressive adapters grouped" in out
+    if mode == "lora":  # every task's adapters take part in every step: plain DDP, task files written
+        assert "ddp_find_unused_parameters_true" not in out and "mode=lora" in out
+        folder = next((tmp_path / "logs" / "taps").glob("version_*"))
+        assert sorted(p.name for p in (folder / "checkpoints" / "adapters").glob("*.safetensors")) == \
+            ["mnist.safetensors", "sketch.safetensors"]
 
 
 @pytest.mark.slow

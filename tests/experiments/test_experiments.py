@@ -19,6 +19,12 @@ def test_bench_runs_and_reports_every_ratio(tmp_path):
     peak = saved[0]["peak_bytes"]
     assert peak["taps"] > peak["finetune"] > 0  # TAPS holds base + delta
     assert peak["taps"] < peak["taps_saved_weight"]  # rebuilding the gated weight saves a weight copy
+    # the LoRA baseline trains no full-size tensor: no base gradient or momentum (fine-tuning), no delta (TAPS)
+    assert 0 < peak["lora"] < peak["finetune"] and peak["lora"] < peak["taps"]
+    for key in ("train_step_ratio_lora", "train_step_ratio_lora_taps", "memory_ratio_lora", "process_rss_ratio_lora"):
+        assert saved[0][key] > 0
+    assert saved[0]["memory_ratio_lora_taps"] == peak["lora"] / peak["taps"]
+    assert saved[0]["threads"] >= 1 and saved[0]["machine"] and "torch" in saved[0]
     assert saved[0]["memory_floor"] > 1
     rss = saved[0]["process_peak_rss_bytes"]
     assert rss["finetune"] > 50 * 2**20  # a process that imported torch and trained; a fresh one per side

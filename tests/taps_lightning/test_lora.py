@@ -212,6 +212,40 @@ def test_one_step_trains_every_tasks_adapters_norms_and_heads_and_not_the_base()
     assert any("base_layer" in n for n in before)
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_lora_trains_saves_loads_and_merges_in_every_precision(precision, tmp_path):
+    """A LoRA run in bf16 autocast, pure bf16 or float64: finite loss, parameters in the run's dtype
+    (fp32 under autocast), its task file loads onto the float32 base evaluate builds (the base
+    fingerprint of the rounded base matches) and computes what the run's model does."""
+    import warnings
+
+    from helpers import TinyTasks, cpu_trainer
+
+    flags = dict(backbone="test_resnet", mode="lora", lora_rank=2, lr=0.05)
+    data = TinyTasks.make(n=16, batch_size=8)
+    torch.manual_seed(0)
+    module = create_taps_module(tasks=data.num_classes, **flags)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, precision=precision, limit_train_batches=2, limit_val_batches=1,
+                          deterministic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    want = {"bf16-mixed": torch.float32, "bf16-true": torch.bfloat16, "64-true": torch.float64}[precision]
+    assert {p.dtype for p in module.model.task_parameters()} == {want}
+    path = tl.save_task(module.model, "a", tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    fresh = create_taps_module(tasks={"b": 3}, **flags).model.eval()
+    assert tl.load_task(fresh, path) == "a"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        got, merged = fresh(x, "a"), tl.merge(fresh, "a").eval()(x)
+        ours = module.model.eval().float()(x, "a")
+    torch.testing.assert_close(merged, got, rtol=1e-4, atol=1e-5)
+    tolerance = 1e-5 if precision != "bf16-true" else 0.1  # the run's bf16 weights, rounded to float32 in the file
+    torch.testing.assert_close(got, ours, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("flag, value", [("lam", 2.0), ("budget", 0.2), ("adapter_rank", 4), ("threshold", 0.3)])
 def test_a_flag_of_another_mode_is_refused_by_name(flag, value):
     with pytest.raises(SettingsError, match=rf"--model.mode lora refuses flags it would not use:\n  - --model.{flag} "):
