@@ -324,14 +324,6 @@ class LoRAModel(MultiTaskModel):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
-    def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
-        """``task``'s adapters (LoRA matrices, full copies), norms and head (every task's for ``None``)."""
-        for t in [task] if task is not None else self.tasks:
-            self._check_task(t)
-            for _, layer in self.task_layers():
-                yield from layer.task_parameters(t)
-            yield from self.heads[t].parameters()
-
     def task_cost(self, task: str) -> dict[str, float]:
         """``delta_params``: the task's LoRA matrices (and full copies); ``active_layers``: the layers
         it adapts; ``gated_layers``: every Conv/Linear of the backbone (the layers TAPS could select)."""

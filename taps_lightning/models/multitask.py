@@ -40,8 +40,8 @@ class MultiTaskModel(nn.Module):
     """A backbone shared by several tasks, one head per task.
 
     Subclasses set ``backbone_name``, ``base_param_count`` and ``num_features``, fill
-    ``heads``, and implement :meth:`forward_features`, :meth:`shared_parameters`,
-    :meth:`task_parameters` and :meth:`task_cost`; the rest has defaults.
+    ``heads``, and implement :meth:`forward_features` and :meth:`task_cost`; the rest
+    (:meth:`shared_parameters`, :meth:`task_parameters`, ...) has defaults.
     """
 
     #: The kind of task file a task is written as (:func:`~taps_lightning.save_task`; the format is
@@ -138,8 +138,13 @@ class MultiTaskModel(nn.Module):
         return (p for p in self.backbone.parameters() if id(p) not in own)
 
     def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
-        """Parameters of ``task`` alone (or of every task)."""
-        raise NotImplementedError
+        """Parameters of ``task`` alone (or of every task): by default what each per-task layer holds
+        for it (:meth:`~TaskLayer.task_parameters`) and its head."""
+        for t in [task] if task is not None else self.tasks:
+            self._check_task(t)
+            for _, layer in self.task_layers():
+                yield from layer.task_parameters(t)
+            yield from self.heads[t].parameters()
 
     def score_parameters(self) -> Iterator[nn.Parameter]:
         """Every task's layer scores (TAPS; none elsewhere): their own learning rate, no weight

@@ -100,14 +100,6 @@ class TapsModel(MultiTaskModel):
         before the first forward)."""
         return list(self._forward_order or self.gated_names)
 
-    def task_parameters(self, task: str | None = None) -> Iterator[nn.Parameter]:
-        """Task-specific parameters (deltas, scores, norms, head) of ``task`` or of all tasks."""
-        for t in [task] if task is not None else self.tasks:
-            self._check_task(t)
-            for _, layer in self.task_layers():
-                yield from layer.task_parameters(t)
-            yield from self.heads[t].parameters()
-
     def score_parameters(self) -> Iterator[nn.Parameter]:
         for _, layer in self.taps_layers():
             for task in layer.tasks:
