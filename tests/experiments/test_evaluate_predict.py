@@ -359,3 +359,49 @@ def test_predict_pads_the_rows_of_a_task_with_fewer_classes_than_top_k(tmp_path,
         assert sorted(row[2:8:2]) == FOLDER_CLASSES
         assert sum(float(p) for p in row[3:8:2]) == pytest.approx(1, abs=1e-5)
         assert row[8:] == ["", "", "", ""]
+
+
+@pytest.mark.slow
+def test_a_lora_run_evaluates_and_predicts_from_its_task_files_as_fit_tested_it(in_tmp, tmp_path):
+    """``fit --model.mode lora``: a report counting each task's LoRA, norms and head, one task file per
+    task, counts (no layer-selection heatmap) in TensorBoard; its task files, given to evaluate without
+    ``--model.mode`` (the files say what they are), give fit's own test numbers, and predict through
+    the merged model equals the softmax of the LoRA model; a flag of another mode is refused before
+    any folder is made."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _fit("lora", "[mnist, sketch]", "--model.mode", "lora", "--model.lora_rank", "4")
+    log_dir = run.config.parent
+    report = (log_dir / "report.md").read_text()
+    assert "mode=lora, lora_rank=4, lora_alpha=4, lora_grouped_convs=frozen (test set)" in report
+    model = TapsModule.load_from_checkpoint(run.ckpt, weights_only=True).model.eval()
+    cost = model.task_cost("mnist")
+    assert f"| mnist | {run.test_acc['mnist']:.2f} | {cost['active_layers']} / {cost['gated_layers']} | " \
+           f"{cost['task_params']:,} |" in report
+    assert sorted(p.name for p in run.adapters.iterdir()) == ["mnist.safetensors", "sketch.safetensors"]
+    tags = {}
+    for events in log_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for kind, names in accumulator.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, set()).update(names)
+    assert {"taps/mnist/task_params", "taps/sketch/task_params_fraction"} <= tags["scalars"]
+    assert not tags.get("images")
+    accs, _ = _evaluate(TINY + ["--tasks_from", str(run.adapters), "--data.tasks", "[mnist, sketch]",
+                                "--trainer.logger.init_args.name", "lora_eval"])
+    assert accs == run.test_acc
+    paths, wide = _digit_images(tmp_path / "images")
+    with torch.no_grad():
+        expected = model(_expected_inputs(paths, wide), "sketch").softmax(-1)
+    rows = _read_predictions(predict.main(TINY + ["--tasks_from", str(run.adapters / "sketch.safetensors"),
+                                                  "--images", str(tmp_path / "images"), "--top_k", "2",
+                                                  "--output", str(tmp_path / "lora.csv")]))
+    for i, path in enumerate(paths):
+        labels, p = rows[(path.name, "sketch")]
+        assert labels == [str(j) for j in expected[i].topk(2).indices.tolist()]
+        assert p == pytest.approx(expected[i].topk(2).values.tolist(), abs=2e-6)
+    before = sorted((in_tmp / "logs").rglob("*"))
+    with pytest.raises(TapsError, match=r"--model.mode lora refuses flags it would not use:\n  - --model.lam 2.0"):
+        _fit("lora_lam", "[mnist]", "--model.mode", "lora", "--model.lam", "2")
+    assert sorted((in_tmp / "logs").rglob("*")) == before
