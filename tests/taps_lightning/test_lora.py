@@ -272,3 +272,22 @@ def test_a_lora_task_file_is_refused_by_the_other_kind_and_by_other_settings(tmp
         with pytest.raises(tl.TaskFileError, match=f"trained with {named}"):
             tl.load_task(other, path)
         assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())  # the model as it was
+
+
+def test_a_vit_gets_lora_on_attention_qkv_and_proj_and_the_mlp_and_merges():
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=0)
+    linears = [n for n, m in vit.named_modules() if isinstance(m, nn.Linear)]
+    model = tl.LoRAModel(vit, {"a": 3}).eval()
+    assert set(linears) < set(model.lora_names) and model.grouped_names == []
+    assert {"blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"} <= set(model.lora_names)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        x = torch.randn(2, 3, *vit.pretrained_cfg["input_size"][1:])
+        merged = tl.merge(model, "a").eval()
+        assert not any(isinstance(m, tl.TaskLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(x), model(x, "a"), rtol=1e-4, atol=1e-5)
+        model.set_task(None)  # the shared backbone alone: the adapters change the output
+        assert (model.heads["a"](model.forward_features(x)) - merged(x)).abs().max() > 1e-3
