@@ -40,7 +40,7 @@ LORA_RANKS = (4, 8, 16)
 #: The LoRA baseline's learning rate, chosen on validation at rank 8, seed 0 (``--sweep``: docs/lora_sweep.md).
 LORA_LR = 0.03
 #: The learning rates ``--sweep`` tries (SGD with momentum, as every other row).
-LORA_SWEEP_LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
+LORA_SWEEP_LRS = (0.003, 0.005, 0.01, 0.02, 0.03, 0.1, 0.3)
 
 
 def _lora_flags(rank: int, lr: float = LORA_LR) -> list[str]:
