@@ -38,7 +38,7 @@ LAMBDAS = (0.25, 0.5, 0.75, 1.0, 1.5)
 BUDGETS = (0.1, 0.2, 0.3, 0.4)
 LORA_RANKS = (4, 8, 16)
 #: The LoRA baseline's learning rate, chosen on validation at rank 8, seed 0 (``--sweep``: docs/lora_sweep.md).
-LORA_LR = 0.03
+LORA_LR = 0.01
 #: The learning rates ``--sweep`` tries (SGD with momentum, as every other row).
 LORA_SWEEP_LRS = (0.003, 0.005, 0.01, 0.02, 0.03, 0.1, 0.3)
 
