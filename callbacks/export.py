@@ -44,7 +44,7 @@ class TaskExport(L.Callback):
             # a budget run exports only weights that meet the budget: the tested (best) ones follow
             rank_zero_info(f"TAPS | adapters not written for the final weights: over the budget for "
                            f"{', '.join(t for t, ok in within.items() if not ok)}; the best checkpoint's are "
-                           "written after test (with --test false: save_task from best-*.ckpt, README: Export and merge)")
+                           "written after test (with --test false: save_task from best-*.ckpt, docs/use-trained.md)")
             return
         if trainer.is_global_zero:
             names = getattr(trainer.datamodule, "class_names", None)  # a DataModule's, stored so predictions can be named

@@ -107,7 +107,7 @@ def check_config_order(configs) -> None:
         if path.name != "base.yaml" and base.is_file() and base not in given[:i]:
             raise SettingsError(f"{path} overrides {base}, which was not given before it; alone it would run the "
                                 f"offline defaults with a few settings changed. Pass --config {base} "
-                                f"--config {path} (README: Train)")
+                                f"--config {path} (docs/cli.md)")
 
 
 def task_classes(num_classes: dict[str, int]) -> dict[str, int]:

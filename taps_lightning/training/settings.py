@@ -27,7 +27,7 @@ PENALTIES = ("layers", "params")
 SCHEDULERS = ("cosine", "cosine_step", "none")
 
 #: Batches of training images (at the data's batch size) each task's BatchNorm statistics are
-#: re-estimated on before validation and test (see the README's *Results* for how it was chosen).
+#: re-estimated on before validation and test (docs/recalibration.md says how it was chosen).
 DEFAULT_RECALIBRATE_BATCHES = 16
 
 _S = TypeVar("_S", bound="Settings")
