@@ -346,15 +346,14 @@ def _check_taps_file(path: Path, meta: dict[str, Any], raw: dict[str, str], mode
 def _check_lora_file(path: Path, meta: dict[str, Any], raw: dict[str, str], model) -> None:
     """A LoRA file: the same rank, alpha and grouped-convolution variant (each named by its flag),
     then the same adapted layers and norms."""
-    wrong = [f"--model.{flag} {raw[key]} (this model: {ours})" for flag, key, theirs, ours in (
-        ("lora_rank", "lora_rank", meta["lora_rank"], model.rank),
-        ("lora_alpha", "lora_alpha", meta["lora_alpha"], model.alpha),
-        ("lora_grouped_convs", "lora_grouped_convs", meta["lora_grouped_convs"], model.grouped_convs))
-        if theirs != ours]
+    wrong = [f"--model.{key} {raw[key]} (this model: {ours})" for key, ours in (
+        ("lora_rank", model.rank), ("lora_alpha", model.alpha), ("lora_grouped_convs", model.grouped_convs))
+        if meta[key] != ours]
     if wrong:
         raise TaskFileError(f"{path}: trained with {', '.join(wrong)}; build the model with the file's settings "
                             "(experiments.evaluate/predict take them from the files)")
     _layout_refused(path, meta, model, model.file_layout(), "task_layout_signature")
+
 
 #: How a file of each loadable kind is checked against the model, and the metadata keys it needs for that.
 _FILE_CHECKS = {"taps": (_check_taps_file, ("layout_signature", "threshold")),

@@ -93,7 +93,8 @@ class _PeftTaskLayer(TaskLayer, nn.Module):
 
     @property
     def adapters(self) -> nn.ModuleDict:
-        raise NotImplementedError
+        """Task -> PEFT's state of it (the first of :attr:`adapter_layer_names`): which tasks exist."""
+        return getattr(self, self.adapter_layer_names[0])
 
     @property
     def tasks(self) -> list[str]:
@@ -138,10 +139,6 @@ class PeftLoRALayer(_PeftTaskLayer):
         return self.tuner.lora_B
 
     @property
-    def adapters(self) -> nn.ModuleDict:
-        return self.tuner.lora_A
-
-    @property
     def base_layer(self) -> nn.Module:
         return self.tuner.base_layer
 
@@ -179,10 +176,6 @@ class PeftFullLayer(_PeftTaskLayer):
 
     @property
     def copies(self) -> nn.ModuleDict:
-        return self.tuner.modules_to_save
-
-    @property
-    def adapters(self) -> nn.ModuleDict:
         return self.tuner.modules_to_save
 
     @property
