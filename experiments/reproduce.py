@@ -331,6 +331,75 @@ def pareto_markdown(points: dict[str, list[dict]], figure: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _flag(label: str, name: str) -> float | None:
+    """A row's numeric flag (``--model.lam``, ``--model.budget``), None when the row does not set it."""
+    flags = ROWS.get(label, [])
+    return float(flags[flags.index(name) + 1]) if name in flags else None
+
+
+def _in(value: float | None, low: float, high: float) -> bool:
+    return value is not None and low <= value <= high
+
+
+def _verdict(checked: list[tuple[str, float, bool]], fmt: str, extreme) -> list[str]:
+    """The verdict cells of one target: met or missed, the rows that meet it (with their extreme
+    value) and each row that misses it, with its value."""
+    if not checked:
+        return ["not checked (no row in scope)", "", ""]
+    met = [value for _, value, ok in checked if ok]
+    missed = [f"{label} ({fmt.format(value)})" for label, value, ok in checked if not ok]
+    return ["**met**" if not missed else f"**missed** by {len(missed)} of {len(checked)} rows",
+            f"{len(met)} of {len(checked)} rows" + (f" ({extreme[0]} {fmt.format(extreme[1](met))})" if met else ""),
+            "; ".join(missed) or "none"]
+
+
+def format_targets(results: list[tuple[str, list[list[dict]]]]) -> str:
+    """The results issue's (#22) targets, each met or missed, computed from the rows of the table.
+
+    In scope of the first two: every TAPS row at lambda <= 1.0 or budget >= 0.2; of the third:
+    lambda 0.25-0.5 and budget 0.2-0.3; of the fourth: the budget rows at 0.2 and 0.3 (a task's
+    stored fraction, in % of the backbone, within [100 F - 5, 100 F] in every seed's run)."""
+    taps = [(label, runs, _flag(label, "--model.lam"), _flag(label, "--model.budget"))
+            for label, runs in results if label.startswith("TAPS")]
+    scope = [(label, runs) for label, runs, lam, budget in taps if _in(lam, 0.0, 1.0) or _in(budget, 0.2, 1.0)]
+    worst = [(label, min(r["accuracy"] for run in runs for r in run[:-1])) for label, runs in scope]
+    lines = ["", "## Against the targets of the results issue", "",
+             "Computed from the table above: every TAPS row in a target's scope, all seeds. "
+             "Met by: how many rows meet it, and the extreme value among them.", "",
+             "| target | verdict | met by | missed by |", "|---|---|---|---|"]
+    lines.append("| no task below 90 % at lambda <= 1.0 or budget >= 0.2 (worst task, any seed) | "
+                 + " | ".join(_verdict([(label, acc, acc >= 90.0) for label, acc in worst], "{:.2f} %", ("lowest", min)))
+                 + " |")
+    spread = [(label, statistics.stdev(run[-1]["accuracy"] for run in runs)) for label, runs in scope if len(runs) > 1]
+    lines.append("| seed standard deviation of the mean <= 1.5 points, same rows | "
+                 + " | ".join(_verdict([(label, sd, sd <= 1.5) for label, sd in spread], "{:.2f}", ("largest", max))
+                              if spread else ["not checked (one seed)", "", ""]) + " |")
+    finetune = dict(results).get("Fine-tuning")
+    near = [(label, runs) for label, runs, lam, budget in taps if _in(lam, 0.25, 0.5) or _in(budget, 0.2, 0.3)]
+    if finetune:
+        reference = statistics.fmean(run[-1]["accuracy"] for run in finetune)
+        gaps = [(label, reference - statistics.fmean(run[-1]["accuracy"] for run in runs)) for label, runs in near]
+        cells = _verdict([(label, gap, gap <= 1.5) for label, gap in gaps], "{:.2f} below", ("largest gap", max))
+    else:
+        cells = ["not checked (no fine-tuning row)", "", ""]
+    lines.append("| lambda 0.25-0.5 and budget 0.2-0.3 within 1.5 points of fine-tuning (mean accuracy) | "
+                 + " | ".join(cells) + " |")
+    landed = []
+    for label, runs, _, budget in taps:
+        if budget in (0.2, 0.3):
+            stored = [r["task_params_pct"] for run in runs for r in run[:-1]]
+            inside = [p for p in stored if 100 * budget - 5 <= p <= 100 * budget]
+            outside = sorted(p for p in stored if p not in inside)
+            landed.append((f"{label}: {len(inside)} of {len(stored)} task-runs in [{100 * budget - 5:.0f}, "
+                           f"{100 * budget:.0f}] %" + (f", the others at {', '.join(f'{p:.1f}' for p in outside)} %"
+                                                      if outside else ""), not outside))
+    lines.append("| budgets 0.2 and 0.3 land every task in [F - 5 points, F] (stored % of the backbone) | "
+                 + ("**met**" if landed and all(ok for _, ok in landed) else "**missed**" if landed else "not checked")
+                 + " | " + ("; ".join(text for text, ok in landed if ok) or "none") + " | "
+                 + ("; ".join(text for text, ok in landed if not ok) or "none") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _machine(records: list[dict]) -> str:
     """What the kept runs were made on: machine, CPU model(s), threads per run, torch, commit(s)."""
     threads = sorted({r.get("threads") for r in records})
@@ -425,7 +494,8 @@ def main(argv: list[str] | None = None) -> Path:
                          f"seeds {', '.join(map(str, args.seeds))} (runs per point: see results.md); "
                          "error bars: one standard deviation over seeds")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(format_results(results, command, seconds, args.seeds, machine) + pareto_markdown(points, figure))
+    out.write_text(format_results(results, command, seconds, args.seeds, machine) + format_targets(results)
+                   + pareto_markdown(points, figure))
     print(out.read_text())
     return out
 

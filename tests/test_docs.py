@@ -36,7 +36,8 @@ FIXTURES = REPO / "tests" / "fixtures" / "main_00b60cb"
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 MARKER = re.compile(r"^\s*<!-- (ci:install|ci:test|parse-only: .+|not-run: .+) -->\s*$")
 LIGHTNING_CLIS = {"experiments.fit", "experiments.evaluate", "experiments.predict"}
-ARGPARSE_CLIS = {"experiments.reproduce", "experiments.bench", "experiments.recalibration", "datamodules.check"}
+ARGPARSE_CLIS = {"experiments.reproduce", "experiments.bench", "experiments.recalibration", "experiments.default_run",
+                 "datamodules.check"}
 INTERPRETERS = {".venv/bin/python", "python", "python3"}
 OUTPUT_LANGUAGES = {"text", "yaml", "csv"}
 #: Pages the experiments write (no hand-made markers): their commands made the page and are parse-checked.

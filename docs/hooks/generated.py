@@ -100,7 +100,35 @@ def _costs_table() -> str:
     return "\n".join(out) + "\n\n" + _provenance(rows, "bench_training_costs.json")
 
 
-TABLES = {"cpu": _cpu_table, "spread": _spread_table, "profile": _profile_table, "lora": _lora_table, "bf16": _bf16_table,
+#: The performance targets (the results issue): (what, JSON file, key, bound, "<=" or ">=").
+TARGETS = [("training step TAPS / FT", "bench.json", "train_step_ratio_taps", 1.03, "<="),
+           ("peak training memory TAPS / FT", "bench.json", "memory_ratio_taps", 1.05, "<="),
+           ("peak training memory TAPS / FT", "bench_bf16_b32_224.json", "memory_ratio_taps", 1.05, "<="),
+           ("merged inference / plain", "bench.json", "merged_inference_throughput_ratio", 0.98, ">="),
+           ("gated inference / plain", "bench.json", "gated_inference_throughput_ratio", 0.97, ">=")]
+
+
+def _targets_table() -> str:
+    """Each performance target against each backbone's measured ratio: met or missed, and by how much."""
+    files = {name: {r["arch"]: r for r in json.loads((DOCS / name).read_text())} for _, name, *_ in TARGETS}
+    arches = list(files["bench.json"])
+    out = ["| target | " + " | ".join(arches) + " |", "|---|" + "---|" * len(arches)]
+    for what, name, key, bound, sense in TARGETS:
+        cells = []
+        for arch in arches:
+            value = files[name].get(arch, {}).get(key)
+            if value is None:
+                cells.append("not measured")
+                continue
+            met = value <= bound if sense == "<=" else value >= bound
+            cells.append(f"{value:.3f}: **{'met' if met else 'missed'}**" + ("" if met else f" by {abs(value - bound):.3f}"))
+        setup = ", ".join(sorted({f"batch {r['batch']} at {r['size']} px, {r['precision']}" for r in files[name].values()}))
+        out.append(f"| {what} {sense} {bound} ({setup}) | " + " | ".join(cells) + " |")
+    sources = [_provenance(list(rows.values()), name) for name, rows in files.items()]
+    return "\n".join(out) + "\n\n" + "\n\n".join(sources)
+
+
+TABLES = {"targets": _targets_table, "cpu": _cpu_table, "spread": _spread_table, "profile": _profile_table, "lora": _lora_table, "bf16": _bf16_table,
           "costs": _costs_table}
 
 

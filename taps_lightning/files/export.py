@@ -154,7 +154,20 @@ def _wrong_dtypes(tensors: dict[str, torch.Tensor], model: MultiTaskModel) -> li
     return wrong
 
 
+def _is_torch_file(path: Path) -> bool:
+    """A checkpoint or weights file written by ``torch.save`` (a zip archive), by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def _unreadable(path: Path, err: Exception) -> TaskFileError:
+    if _is_torch_file(path):
+        return TaskFileError(f"{path}: a torch file (a checkpoint or weights), not a .safetensors task file; give a "
+                             "checkpoint to experiments.evaluate or fit with --ckpt_path, or export its tasks with "
+                             "save_task")
     return TaskFileError(f"{path}: not a readable .safetensors task file ({err}); re-export it with save_task")
 
 

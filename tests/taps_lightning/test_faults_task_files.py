@@ -59,3 +59,18 @@ def test_a_task_trained_in_any_precision_is_stored_as_float32_and_loads(tmp_path
     torch.testing.assert_close(fresh.heads["a"].weight, model.heads["a"].weight.float())
     on_same = tiny_resnet({"z": 2}).to(dtype)  # and onto a model of that precision
     assert tl.load_task(on_same, path, strict_base=False) == "a"
+
+
+@pytest.mark.parametrize("name", ["last.ckpt", "weights.pth", "task.safetensors"])
+def test_a_torch_file_given_as_a_task_file_points_to_ckpt_path(tmp_path, name):
+    """A checkpoint passed where a task file goes (``--tasks_from last.ckpt``) is named as one, whatever
+    its suffix, and the message says where it belongs; a file that is neither says it is unreadable."""
+    path = tmp_path / name
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
+    for read in (tl.task_metadata, lambda p: tl.load_task(tiny_resnet({"a": 4}), p)):
+        with pytest.raises(tl.TaskFileError, match=rf"{name}: a torch file .* not a .safetensors task file; .*--ckpt_path"):
+            read(path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    with pytest.raises(tl.TaskFileError, match=r"junk.safetensors: not a readable .safetensors task file .*save_task"):
+        tl.task_metadata(junk)
