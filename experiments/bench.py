@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import taps_lightning as tl
 
 from taps_lightning.errors import run_command
+from taps_lightning.files.atomic import atomic_write, check_replaceable
 
 
 def _once(fn) -> float:
@@ -337,8 +338,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--training-costs", action="store_true",
                         help="only: BatchNorm re-estimation time / epoch time, and budget step / TAPS step, on the "
                              "offline default set-up")
-    parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--out", default="bench.json", help="the JSON to write (the docs' tables read docs/bench*.json)")
     args = parser.parse_args(argv)
+    check_replaceable(args.out, "the benchmark JSON", "--out")  # refused now, not after minutes of measuring
     if args.training_costs:
         row = training_costs(args.repeats, args.warmup)
         print(f"{row['setup']}, {row['threads']} thread(s)\n"
@@ -346,8 +348,7 @@ def main(argv=None) -> list[dict]:
               f"| budget step / TAPS step (min-max) |\n|---:|---:|\n"
               f"| {row['recalibrate_epoch_ratio']:.3f} ({row['recalibrate_s']:.2f} s) | {row['budget_step_ratio']:.3f} "
               f"({row['budget_step_ratio_spread'][0]:.3f}-{row['budget_step_ratio_spread'][1]:.3f}) |")
-        with open(args.out, "w") as f:
-            json.dump([row], f, indent=2)
+        _write(args.out, [row])
         return [row]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = args.precision or ("bf16" if device == "cuda" else "fp32")
@@ -386,9 +387,14 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             ops = profile_steps(row["arch"], batch, size, device, dtype)
             row["profile_ms_per_step"] = [list(r) for r in ops[:8] + ops[-1:]]
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
+    _write(args.out, rows)
     return rows
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    """The rows as JSON, whole or not at all (an earlier file stays intact if this fails)."""
+    text = json.dumps(rows, indent=2)
+    atomic_write(path, lambda f: f.write(text), "the benchmark JSON", flag="--out", text=True)
 
 
 if __name__ == "__main__":

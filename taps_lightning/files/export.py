@@ -10,8 +10,9 @@ import copy
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -193,7 +194,7 @@ def _read(path: Path, model: MultiTaskModel) -> tuple[dict[str, torch.Tensor], d
     if found == TASK_FORMATS["progressive"]:
         raise TaskFileError(f"{path}: a progressive-adapter task file; load_task reads TAPS and LoRA task files only "
                             "(restore progressive runs from their checkpoint)")
-    if kind not in _FILE_CHECKS:
+    if kind not in _FILE_RULES:
         raise TaskFileError(f"{type(model).__name__} loads no task files; it stores tasks in its checkpoint")
     other = next((k for k, f in TASK_FORMATS.items() if f == found and k != kind), None)
     if other in _LOADED_BY:
@@ -312,14 +313,14 @@ def _expected_tensors(model: TapsModel, num_classes: int) -> dict[str, torch.Siz
 
 
 def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, num_classes: int) -> None:
-    """Every tensor present, of exactly the right shape, finite, and a delta for every active layer."""
+    """Every tensor present, of exactly the right shape, dtype and finite; then the kind's own rule."""
+    rule = _FILE_RULES[model.task_file_kind]
     expected = _expected_tensors(model, num_classes)
     fix = "re-export the task with save_task"
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise TaskFileError(f"{path}: unexpected tensors {unexpected[:3]} (not in this model's layout); {fix}")
-    optional = "delta." if model.task_file_kind == "taps" else None  # a closed TAPS layer stores no delta
-    missing = sorted(k for k in expected if k not in tensors and not (optional and k.startswith(optional)))
+    missing = sorted(k for k in expected if k not in tensors and not (rule.optional and k.startswith(rule.optional)))
     if missing:
         raise TaskFileError(f"{path}: incomplete task file, missing {missing[:3]}"
                             f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; {fix}")
@@ -332,11 +333,8 @@ def _validate(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, nu
         raise TaskFileError(f"{path}: wrong tensor dtypes: {'; '.join(wrong[:3])}"
                             f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}; {fix}")
     check_finite(tensors, str(path), fix)
-    for name, _ in (model.taps_layers() if model.task_file_kind == "taps" else ()):
-        score, delta = tensors[file_key("score", name)], file_key("delta", name)
-        if gate_open(score.reshape(()), model.threshold) and delta not in tensors:
-            raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
-                                f"{delta} is missing; {fix}")
+    if rule.check_tensors is not None:
+        rule.check_tensors(path, tensors, model, fix)
 
 
 def _layout_refused(path: Path, meta: dict[str, Any], model: MultiTaskModel, ours: str, key: str) -> None:
@@ -368,9 +366,30 @@ def _check_lora_file(path: Path, meta: dict[str, Any], raw: dict[str, str], mode
     _layout_refused(path, meta, model, model.file_layout(), "task_layout_signature")
 
 
-#: How a file of each loadable kind is checked against the model, and the metadata keys it needs for that.
-_FILE_CHECKS = {"taps": (_check_taps_file, ("layout_signature", "threshold")),
-                "lora": (_check_lora_file, ("lora_rank", "lora_alpha", "lora_grouped_convs", "task_layout_signature"))}
+def _check_taps_deltas(path: Path, tensors: dict[str, torch.Tensor], model: TapsModel, fix: str) -> None:
+    """A TAPS file may leave out a closed layer's delta, never an active one's."""
+    for name, _ in model.taps_layers():
+        score, delta = tensors[file_key("score", name)], file_key("delta", name)
+        if gate_open(score.reshape(()), model.threshold) and delta not in tensors:
+            raise TaskFileError(f"{path}: layer {name} is active (score {score.item():.4g}) but its delta "
+                                f"{delta} is missing; {fix}")
+
+
+@dataclass(frozen=True)
+class _FileRule:
+    """How a task file of one loadable kind is checked against the model."""
+
+    check_metadata: Callable[..., None]  # (path, parsed metadata, raw metadata, model)
+    required: tuple[str, ...]  # the metadata keys check_metadata reads
+    optional: str | None = None  # prefix of the tensors a file may leave out
+    check_tensors: Callable[..., None] | None = None  # (path, tensors, model, fix), after the common checks
+
+
+_FILE_RULES = {
+    "taps": _FileRule(_check_taps_file, ("layout_signature", "threshold"), optional="delta.",
+                      check_tensors=_check_taps_deltas),
+    "lora": _FileRule(_check_lora_file, ("lora_rank", "lora_alpha", "lora_grouped_convs", "task_layout_signature")),
+}
 
 
 def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None, strict_base: bool = True) -> str:
@@ -390,10 +409,10 @@ def load_task(model: TapsModel, path: str | os.PathLike, task: str | None = None
     """
     path = Path(path)
     tensors, raw = _read(path, model)
-    check_file, required = _FILE_CHECKS[model.task_file_kind]
-    meta = checked_metadata(path, raw, (*required, "backbone", "base_fingerprint", "num_classes",
+    rule = _FILE_RULES[model.task_file_kind]
+    meta = checked_metadata(path, raw, (*rule.required, "backbone", "base_fingerprint", "num_classes",
                                         *(() if task else ("task",))))
-    check_file(path, meta, raw, model)
+    rule.check_metadata(path, meta, raw, model)
     fingerprint = meta["base_fingerprint"]
     if strict_base and fingerprint != (ours := _file_fingerprint(model, meta.get("base_dtype"))):
         raise TaskFileError(

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from experiments import bench, default_run, reproduce
-from taps_lightning.errors import SettingsError
+from taps_lightning.errors import OutputError, SettingsError
 
 
 @pytest.mark.slow
@@ -154,3 +154,11 @@ def test_default_run_refuses_a_missing_docs_folder(tmp_path):
     with pytest.raises(SettingsError, match="no such folder"):
         default_run.main(["--out", str(tmp_path / "nope")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_refuses_an_output_it_cannot_write_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench", lambda *a, **k: pytest.fail("measured before the output was checked"))
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OutputError, match=r"--out .*taken"):
+        bench.main(["--archs", "test_resnet", "--out", str(tmp_path / "taken")])
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
