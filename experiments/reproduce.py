@@ -301,9 +301,10 @@ def draw_pareto(points: dict[str, list[dict]], path: Path, title: str) -> Path |
                     yerr=[p["y_sd"] for p in pts], marker=marker, capsize=3, label=name,
                     linestyle="-" if len(pts) > 1 else "none")
         for p in pts:
-            tag = re.search(r"(lambda|budget)=([0-9.]+)", p["label"])
+            tag = re.search(r"(lambda|budget)=([0-9.]+)|(rank) ([0-9]+)", p["label"])
             if tag:
-                ax.annotate(("λ" if tag.group(1) == "lambda" else "F") + tag.group(2), (p["x"], p["y"]),
+                kind, value = (tag.group(1), tag.group(2)) if tag.group(1) else (tag.group(3), tag.group(4))
+                ax.annotate({"lambda": "λ", "budget": "F", "rank": "r"}[kind] + value, (p["x"], p["y"]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("stored per task (% of the backbone's parameters, mean over tasks)")
     ax.set_ylabel("test accuracy (%, mean over tasks)")
