@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import taps_lightning as tl
 
+from experiments.run.provenance import provenance
 from taps_lightning.errors import run_command
 from taps_lightning.files.atomic import atomic_write, check_replaceable
 
@@ -200,16 +201,6 @@ def profile_steps(arch: str, batch: int, size: int, device: str, dtype, steps: i
     for key, ft, tp in rows[:top] + rows[-1:]:
         print(f"| {key[:60]} | {ft:.1f} | {tp:.1f} | {tp - ft:+.1f} |")
     return rows
-
-
-def provenance() -> dict:
-    """What a row was measured on: machine and CPU model, thread count, torch, commit."""
-    import platform
-
-    from experiments.reproduce import _commit, cpu_model
-
-    return {"machine": f"{platform.machine()} ({cpu_model()})", "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "commit": _commit()}
 
 
 def bench(arch: str, batch: int, size: int, repeats: int, warmup: int, device: str, dtype,

@@ -11,15 +11,13 @@ version, for the tests).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from callbacks import ResultsReport
-from experiments.reproduce import QUICK, _commit, cpu_model
+from experiments.reproduce import QUICK
+from experiments.run.provenance import provenance
 from taps_lightning.errors import SettingsError, run_command
 from taps_lightning.files.atomic import atomic_write
 
@@ -40,9 +38,10 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
         report = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResultsReport)).path
         picture = Path(cli.trainer.checkpoint_callback.dirpath) / "layer_selection.png"
         command = " ".join(["python -m experiments.fit", *flags])
+        made = provenance()
         header = (f"Made by `python -m experiments.default_run`: the report of `{command}` as it printed it (made on "
-                  f"{platform.machine()} ({cpu_model()}), {torch.get_num_threads()} thread(s), torch "
-                  f"{torch.__version__}, CPU, commit {_commit()}). On another machine or thread count the run follows "
+                  f"{made['machine']}, {made['threads']} thread(s), torch {made['torch']}, CPU, commit "
+                  f"{made['commit']}). On another machine or thread count the run follows "
                   "another path; the mean and spread over seeds are on the [results](results.md) page.\n\n")
         text = header + report.read_text()
         report_out, picture_out = out / "embedded_report.md", out / "embedded_layer_selection.png"

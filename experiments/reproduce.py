@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from callbacks import ResultsReport
+from experiments.run.provenance import commit, cpu_model
 from taps_lightning.errors import SettingsError, TapsError, run_command
 from taps_lightning.files.atomic import atomic_write
 
@@ -156,33 +157,10 @@ def train_and_store(label: str, seed: int, runs: Path, quick: bool) -> list[dict
     rows, best_val = run_variant(flags, common, quick_flags(flags) if quick else [], seed)
     record = {"label": label, "seed": seed, "flags": flags, "quick": quick, "rows": rows, "best_val": best_val,
               "seconds": time.time() - start, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "machine": platform.machine(), "cpu": cpu_model(), "protocol": PROTOCOL, "commit": _commit()}
+              "machine": platform.machine(), "cpu": cpu_model(), "protocol": PROTOCOL, "commit": commit()}
     path = run_file(runs, label, seed, quick)
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=1)), "the run record", text=True)
     return rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), so a kept run says what it was made on."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str | None:
-    """The checked-out commit (with ``+`` when the tree has uncommitted changes), if in a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+" if dirty else "")) or None
 
 
 def _train_missing(todo: list[tuple[str, int]], runs: Path, quick: bool, jobs: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterable
 
 DOCS = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"^([ \t]*)<!-- bench:(\w+) -->[ \t]*$", re.M)
@@ -17,6 +18,11 @@ MARK = re.compile(r"^([ \t]*)<!-- bench:(\w+) -->[ \t]*$", re.M)
 
 def _f(x, digits=3) -> str:
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def _setup(rows: Iterable[dict], suffix: str = "") -> str:
+    """The batch, resolution and precision the rows were measured at."""
+    return ", ".join(sorted({f"batch {r['batch']} at {r['size']} px, {r['precision']}{suffix}" for r in rows}))
 
 
 def _provenance(rows: list[dict], source: str) -> str:
@@ -40,8 +46,7 @@ def _cpu_table() -> str:
     for r in rows:
         out.append(f"| {r['arch']}, `recompute_weight=False` | {_f(r.get('train_step_ratio_taps_saved_weight'))} | "
                    f"{_f(r.get('memory_ratio_taps_saved_weight'))} | | {_f(r.get('process_rss_ratio_taps_saved_weight'))} | | | |")
-    setup = ", ".join(sorted({f"batch {r['batch']} at {r['size']} px, {r['precision']}" for r in rows}))
-    return f"{setup}:\n\n" + "\n".join(out) + "\n\n" + _provenance(rows, "bench.json")
+    return f"{_setup(rows)}:\n\n" + "\n".join(out) + "\n\n" + _provenance(rows, "bench.json")
 
 
 def _spread_table() -> str:
@@ -84,8 +89,7 @@ def _bf16_table() -> str:
     for r in rows:
         out.append(f"| {r['arch']} | {_f(r.get('memory_ratio_taps'))} | {_f(r.get('memory_ratio_taps_saved_weight'))} | "
                    f"{_f(r.get('memory_floor'))} |")
-    setup = ", ".join(sorted({f"batch {r['batch']} at {r['size']} px, {r['precision']} autocast" for r in rows}))
-    return f"{setup}:\n\n" + "\n".join(out) + "\n\n" + _provenance(rows, "bench_bf16_b32_224.json")
+    return f"{_setup(rows, ' autocast')}:\n\n" + "\n".join(out) + "\n\n" + _provenance(rows, "bench_bf16_b32_224.json")
 
 
 def _costs_table() -> str:
@@ -110,7 +114,8 @@ TARGETS = [("training step TAPS / FT", "bench.json", "train_step_ratio_taps", 1.
 
 def _targets_table() -> str:
     """Each performance target against each backbone's measured ratio: met or missed, and by how much."""
-    files = {name: {r["arch"]: r for r in json.loads((DOCS / name).read_text())} for _, name, *_ in TARGETS}
+    files = {name: {r["arch"]: r for r in json.loads((DOCS / name).read_text())}  # each file read once
+             for name in dict.fromkeys(name for _, name, *_ in TARGETS)}
     arches = list(files["bench.json"])
     out = ["| target | " + " | ".join(arches) + " |", "|---|" + "---|" * len(arches)]
     for what, name, key, bound, sense in TARGETS:
@@ -122,8 +127,7 @@ def _targets_table() -> str:
                 continue
             met = value <= bound if sense == "<=" else value >= bound
             cells.append(f"{value:.3f}: **{'met' if met else 'missed'}**" + ("" if met else f" by {abs(value - bound):.3f}"))
-        setup = ", ".join(sorted({f"batch {r['batch']} at {r['size']} px, {r['precision']}" for r in files[name].values()}))
-        out.append(f"| {what} {sense} {bound} ({setup}) | " + " | ".join(cells) + " |")
+        out.append(f"| {what} {sense} {bound} ({_setup(files[name].values())}) | " + " | ".join(cells) + " |")
     sources = [_provenance(list(rows.values()), name) for name, rows in files.items()]
     return "\n".join(out) + "\n\n" + "\n\n".join(sources)
 
